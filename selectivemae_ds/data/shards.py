@@ -1,0 +1,368 @@
+"""The dataset format: Zarr v3 shards of encoded JPEG plus a manifest (schema 1).
+
+Layout of a packed dataset directory::
+
+    DATASET/
+      manifest.json            schema, shard list, packing params, stats (the commit point)
+      shard-00000.zarr/        Zarr v3 group, written by one writer, finalized by atomic rename
+        bytes    uint8  [total]  encoded JPEG heap, no compressor, Zarr sharding codec
+        offsets  int64  [n+1]    record i = bytes[offsets[i]:offsets[i+1]]
+        height   uint16 [n]
+        width    uint16 [n]
+        phash    uint64 [n]      64-bit perceptual hash used for dedup
+        crc32    uint32 [n]      zlib.crc32 of each record's bytes
+        source   string [n]      origin: archive member / relative path [+ slice box]
+
+``crc32`` is an addition to the design card's schema: JPEG decoders tolerate many
+flipped bytes, so "every record decodes" alone cannot find a rotten heap.
+
+Readers never trust the files: the schema version must be known, the index digest
+(sha256 over offsets, height, width, phash, crc32) must match the manifest, offsets
+must start at 0, be non-decreasing and end at the heap's length. Any violation is a
+:class:`ShardFormatError` naming the shard.
+
+A shard directory that is not listed in ``manifest.json`` does not exist for readers;
+writers build a shard under a temporary name and rename it into place once complete,
+so a half-written shard is never visible.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "selectivemae-ds-shards"
+
+# The heap is stored with Zarr's sharding codec so one dataset shard is a handful of
+# files rather than thousands of chunk files. A record read touches the inner chunks
+# that cover it: 256 KiB inner chunks keep read amplification near 2x for typical
+# 100-300 KB remote-sensing JPEGs, while 256 MiB outer shards keep the file count low.
+HEAP_CHUNK_BYTES = 256 * 1024
+HEAP_SHARD_BYTES = 256 * 1024 * 1024
+
+INDEX_ARRAYS = ("offsets", "height", "width", "phash", "crc32")
+MAX_SIDE_STORABLE = np.iinfo(np.uint16).max
+
+
+class ShardFormatError(ValueError):
+    """A dataset directory, manifest or shard violates schema 1."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.zarr"
+
+
+def index_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the numeric index arrays, in a fixed order and byte order."""
+    h = hashlib.sha256()
+    for key in INDEX_ARRAYS:
+        arr = np.ascontiguousarray(arrays[key])
+        h.update(key.encode())
+        h.update(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+    index_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "count": self.count, "bytes": self.bytes, "index_sha256": self.index_sha256}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Builds one shard. Records are spooled to a temporary file; :meth:`finalize`
+    writes the Zarr group under a temporary name, fsyncs it and renames it into place.
+
+    Nothing is visible at ``out_dir/name`` until :meth:`finalize` returns.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str):
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._spool = tempfile.NamedTemporaryFile(
+            prefix=f".{name}.", suffix=".spool", dir=self.out_dir, delete=False
+        )
+        self._offsets = [0]
+        self._height: list[int] = []
+        self._width: list[int] = []
+        self._phash: list[int] = []
+        self._crc: list[int] = []
+        self._source: list[str] = []
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._height)
+
+    def add(self, data: bytes, height: int, width: int, phash: int, source: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name} is already finalized")
+        if not data:
+            raise ValueError(f"{source}: empty record")
+        if not (0 < height <= MAX_SIDE_STORABLE and 0 < width <= MAX_SIDE_STORABLE):
+            raise ValueError(f"{source}: size {height}x{width} does not fit uint16")
+        self._spool.write(data)
+        self._offsets.append(self._offsets[-1] + len(data))
+        self._height.append(height)
+        self._width.append(width)
+        self._phash.append(phash & 0xFFFFFFFFFFFFFFFF)
+        self._crc.append(zlib.crc32(data))
+        self._source.append(source)
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._spool.close()
+            self._closed = True
+        Path(self._spool.name).unlink(missing_ok=True)
+
+    def finalize(self) -> ShardInfo:
+        if self._closed:
+            raise RuntimeError(f"shard {self.name} is already finalized")
+        n = len(self)
+        if n == 0:
+            self.abort()
+            raise ValueError(f"shard {self.name} has no records")
+        self._spool.flush()
+        self._spool.close()
+        self._closed = True
+        spool_path = Path(self._spool.name)
+        final = self.out_dir / self.name
+        if final.exists():
+            spool_path.unlink(missing_ok=True)
+            raise FileExistsError(f"{final} already exists")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.out_dir))
+        try:
+            arrays = {
+                "offsets": np.asarray(self._offsets, dtype=np.int64),
+                "height": np.asarray(self._height, dtype=np.uint16),
+                "width": np.asarray(self._width, dtype=np.uint16),
+                "phash": np.asarray(self._phash, dtype=np.uint64),
+                "crc32": np.asarray(self._crc, dtype=np.uint32),
+            }
+            total = int(arrays["offsets"][-1])
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            group.attrs.update({"format": FORMAT_NAME, "schema": SCHEMA_VERSION, "count": n})
+            outer = min(HEAP_SHARD_BYTES, -(-total // HEAP_CHUNK_BYTES) * HEAP_CHUNK_BYTES)
+            heap = group.create_array(
+                "bytes", shape=(total,), dtype="uint8", chunks=(HEAP_CHUNK_BYTES,),
+                shards=(outer,), compressors=None, fill_value=0,
+            )
+            # One assignment per outer shard: each Zarr shard file is written once.
+            with open(spool_path, "rb") as f:
+                for start in range(0, total, outer):
+                    block = np.frombuffer(f.read(min(outer, total - start)), dtype=np.uint8)
+                    heap[start:start + block.size] = block
+            for key, arr in arrays.items():
+                group.create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape, compressors=None)[:] = arr
+            src = group.create_array("source", shape=(n,), dtype=str, chunks=(n,), compressors=None)
+            src[:] = np.asarray(self._source, dtype=object)
+            for root, _dirs, files in os.walk(tmp):
+                for fn in files:
+                    fd = os.open(os.path.join(root, fn), os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            os.rename(tmp, final)
+            _fsync_dir(self.out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            spool_path.unlink(missing_ok=True)
+        return ShardInfo(self.name, n, total, index_digest(arrays))
+
+
+def write_manifest(out_dir: str | os.PathLike, shards: list[ShardInfo], params: dict[str, Any],
+                   stats: dict[str, Any]) -> Path:
+    """Write manifest.json atomically (temp file, fsync, rename)."""
+    out = Path(out_dir)
+    doc = {
+        "format": FORMAT_NAME,
+        "schema": SCHEMA_VERSION,
+        "count": sum(s.count for s in shards),
+        "shards": [s.to_json() for s in shards],
+        "params": params,
+        "stats": stats,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST_NAME)
+    _fsync_dir(out)
+    return out / MANIFEST_NAME
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate manifest.json (plain JSON: no pickle, no eval)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardFormatError(f"{root}: no {MANIFEST_NAME}; is this a directory written by smae-pack?")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{path}: not a {FORMAT_NAME} manifest")
+    if doc.get("schema") != SCHEMA_VERSION:
+        raise ShardFormatError(
+            f"{path}: unknown schema {doc.get('schema')!r}; this version reads schema {SCHEMA_VERSION}")
+    shards = doc.get("shards")
+    if not isinstance(shards, list):
+        raise ShardFormatError(f"{path}: 'shards' must be a list")
+    for i, s in enumerate(shards):
+        ok = (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
+              and isinstance(s.get("bytes"), int) and isinstance(s.get("index_sha256"), str)
+              and s["count"] > 0 and s["bytes"] >= 0 and "/" not in s["name"] and s["name"] not in (".", ".."))
+        if not ok:
+            raise ShardFormatError(f"{path}: shard entry {i} is malformed: {s!r}")
+    if doc.get("count") != sum(s["count"] for s in shards):
+        raise ShardFormatError(f"{path}: 'count' does not equal the sum of shard counts")
+    return doc
+
+
+class _OpenShard:
+    """Index arrays of one shard, validated, plus a handle on its heap."""
+
+    def __init__(self, root: Path, entry: dict[str, Any]):
+        name = entry["name"]
+        path = root / name
+        where = f"{root}/{name}"
+        if not path.is_dir():
+            raise ShardFormatError(f"{where}: shard listed in the manifest is missing")
+        try:
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+            attrs = dict(group.attrs)
+            arrays = {k: np.asarray(group[k][:]) for k in INDEX_ARRAYS}
+            heap = group["bytes"]
+        except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
+            raise ShardFormatError(f"{where}: unreadable shard ({type(e).__name__}: {e})") from e
+        if attrs.get("schema") != SCHEMA_VERSION:
+            raise ShardFormatError(f"{where}: unknown schema {attrs.get('schema')!r}")
+        n = entry["count"]
+        off = arrays["offsets"]
+        shapes_ok = (off.dtype == np.int64 and off.shape == (n + 1,)
+                     and all(arrays[k].shape == (n,) for k in INDEX_ARRAYS[1:]))
+        if not shapes_ok:
+            raise ShardFormatError(f"{where}: index arrays do not hold {n} records")
+        if index_digest(arrays) != entry["index_sha256"]:
+            raise ShardFormatError(f"{where}: index digest does not match the manifest (index corrupted)")
+        if off[0] != 0 or np.any(np.diff(off) <= 0) or off[-1] != heap.shape[0] or heap.shape[0] != entry["bytes"]:
+            raise ShardFormatError(f"{where}: inconsistent offsets (must start at 0, increase, end at heap size)")
+        self.name = name
+        self.offsets = off
+        self.height = arrays["height"]
+        self.width = arrays["width"]
+        self.phash = arrays["phash"]
+        self.crc32 = arrays["crc32"]
+        self.heap = heap
+        self._group = group
+        self._source: np.ndarray | None = None
+
+    def source(self, j: int) -> str:
+        if self._source is None:
+            self._source = np.asarray(self._group["source"][:], dtype=object)
+        return str(self._source[j])
+
+
+class RecordCorruptError(ShardFormatError):
+    """A record's bytes do not match its stored checksum."""
+
+    def __init__(self, shard: str, record: int, local: int):
+        super().__init__(f"{shard}: record {record} (local {local}) fails its crc32 check")
+        self.shard, self.record, self.local = shard, record, local
+
+
+class ShardedDataset:
+    """Random access to the records of a packed dataset.
+
+    Shards are opened and validated lazily on first access, so constructing the
+    dataset costs one manifest read; it pickles without open handles (DALI and
+    DataLoader workers reopen what they touch).
+    """
+
+    def __init__(self, root: str | os.PathLike, verify_crc: bool = True):
+        self.root = Path(root)
+        self.verify_crc = verify_crc
+        self.manifest = read_manifest(self.root)
+        self._entries = self.manifest["shards"]
+        counts = np.asarray([s["count"] for s in self._entries], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._open: dict[int, _OpenShard] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        return state
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._entries)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Record index -> (shard index, index inside the shard)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range for a dataset of {n}")
+        i %= n
+        s = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return s, i - int(self._starts[s])
+
+    def shard(self, s: int) -> _OpenShard:
+        sh = self._open.get(s)
+        if sh is None:
+            sh = self._open[s] = _OpenShard(self.root, self._entries[s])
+        return sh
+
+    def _at(self, i: int) -> tuple[_OpenShard, int]:
+        s, j = self.locate(i)
+        return self.shard(s), j
+
+    def read(self, i: int) -> bytes:
+        sh, j = self._at(i)
+        a, b = int(sh.offsets[j]), int(sh.offsets[j + 1])
+        data = sh.heap[a:b].tobytes()
+        if self.verify_crc and zlib.crc32(data) != int(sh.crc32[j]):
+            raise RecordCorruptError(sh.name, i % len(self), j)
+        return data
+
+    def shape(self, i: int) -> tuple[int, int]:
+        sh, j = self._at(i)
+        return int(sh.height[j]), int(sh.width[j])
+
+    def phash(self, i: int) -> int:
+        sh, j = self._at(i)
+        return int(sh.phash[j])
+
+    def source(self, i: int) -> str:
+        sh, j = self._at(i)
+        return sh.source(j)
