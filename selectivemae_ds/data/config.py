@@ -1,0 +1,84 @@
+"""Typed configuration of the input pipeline (the ``[data]`` table of an experiment TOML)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "gpu")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented and delivered."""
+
+    path: str = ""
+    """Packed dataset directory (holds ``manifest.json`` and ``shard-*.zarr``), as written by smae-pack."""
+
+    img_size: int = 224
+    """Side of the square model input in pixels; crops are resized (bicubic) to img_size x img_size."""
+
+    scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range, as fractions of the stored image area (paper: 0.2-1.0)."""
+
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio (width / height) range; sampled log-uniformly."""
+
+    hflip: float = 0.5
+    """Probability of a horizontal flip per sample."""
+
+    workers: int = 4
+    """DALI parallel external_source worker processes per rank (each reads and checks records)."""
+
+    prefetch: int = 2
+    """DALI prefetch queue depth in batches: how far the pipeline runs ahead of the trainer."""
+
+    decode_threads: int = 2
+    """DALI num_threads: CPU threads for decoding (cpu) or host-side parsing (mixed), resize and normalize."""
+
+    hw_decoder_load: float = 0.65
+    """Share of JPEG work given to the A100/H100 hardware decoder under device mixed; ignored elsewhere."""
+
+    device: str = "auto"
+    """Where decoding runs: "gpu" (nvJPEG, mixed), "cpu", or "auto" (gpu when CUDA is available)."""
+
+    dtype: str = "float32"
+    """Element type of the delivered images: "float32" or "bfloat16"."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key (``data.<key>: ...``)."""
+        if not self.path:
+            raise ValueError("data.path: no dataset directory given")
+        if not Path(self.path).is_dir():
+            raise ValueError(f"data.path: {self.path} does not exist")
+        if not isinstance(self.img_size, int) or self.img_size < 8:
+            raise ValueError(f"data.img_size: must be an integer >= 8, got {self.img_size!r}")
+        lo, hi = _pair("scale", self.scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.scale: need 0 < min <= max <= 1, got {tuple(self.scale)!r}")
+        lo, hi = _pair("ratio", self.ratio)
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"data.ratio: need 0 < min <= max, got {tuple(self.ratio)!r}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"data.hflip: a probability in [0, 1], got {self.hflip!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"data.workers: need at least 1 worker process, got {self.workers!r}")
+        if not isinstance(self.prefetch, int) or self.prefetch < 1:
+            raise ValueError(f"data.prefetch: need a queue depth >= 1, got {self.prefetch!r}")
+        if not isinstance(self.decode_threads, int) or self.decode_threads < 1:
+            raise ValueError(f"data.decode_threads: need at least 1 thread, got {self.decode_threads!r}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"data.hw_decoder_load: a fraction in [0, 1], got {self.hw_decoder_load!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"data.device: one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"data.dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def _pair(key: str, value: object) -> tuple[float, float]:
+    """Check that ``value`` is a (min, max) pair of numbers and return it as floats."""
+    try:
+        lo, hi = value  # type: ignore[misc]
+        return float(lo), float(hi)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"data.{key}: expected a (min, max) pair, got {value!r}") from e

@@ -1,0 +1,388 @@
+"""The DALI input pipeline: shard records -> augmented, normalized torch batches.
+
+Graph (one per rank; the same graph on CPU and GPU, only the decoder device differs)::
+
+    _SampleSource (parallel external_source, per sample, in worker processes)
+        record bytes (uint8 [nbytes]), crop anchor (int32 [2], y x), crop shape
+        (int32 [2], h w), mirror (int32 []), meta (int64 [4])
+    -> fn.decoders.image_slice   device "mixed" (nvJPEG) or "cpu"; decodes only the crop
+    -> fn.resize                 bicubic, antialiased, to img_size x img_size
+    -> fn.crop_mirror_normalize  flip, ImageNet mean/std, HWC -> CHW, float32
+    -> torch (DLPack, no copy)   (micro_batch, 3, img_size, img_size) on the training device
+
+Order. The per-sample source, not DALI, defines what is read: DALI's sample counter
+``idx_in_epoch`` is used only as the index ``k`` into this rank's endless stream, and
+:func:`order.stream_position` maps ``k`` to (epoch, permutation position) from the
+first global batch the pipeline was built at. The source never raises StopIteration,
+so DALI never ends an "epoch" of its own; our epochs follow each other inside one DALI
+epoch. Resuming is rebuilding the pipeline with another first batch.
+
+Bad records. A record whose crc32 fails, that is not a JPEG, or whose JPEG header
+disagrees with the stored size is replaced by the next sound record in the epoch's
+permutation (positions p+1, p+2, ...; after ``MAX_SUBSTITUTE_TRIES`` failures, a
+mean-gray image that normalizes to ~0). The substitute keeps the crop/flip draw of
+the original slot, so the stream stays a pure function of (seed, epoch, position).
+Every substitution is flagged in the sample's meta, counted by the main process and
+logged: it never stops training and is never silent.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from selectivemae_ds.data import order
+from selectivemae_ds.data.config import DataConfig
+from selectivemae_ds.data.shards import RecordCorruptError, ShardedDataset
+
+log = logging.getLogger(__name__)
+
+# ImageNet statistics, in 0-255 units because DALI normalizes uint8 pixels.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MAX_SUBSTITUTE_TRIES = 32
+# How many substituted records the main process remembers by name (the count is exact).
+SUBSTITUTED_LIST_LEN = 32
+_META_K, _META_INDEX, _META_USED, _META_FLAG = range(4)
+_GRAY = -1  # meta "used record" value of the gray fallback image
+_GRAY_SIDE = 64
+
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic);
+# C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0-7.
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, or None when ``data`` is not a sound JPEG.
+
+    A cheap structural check run on every record before it reaches the decoder: SOI
+    at the start, an EOI marker within the last 64 bytes (a truncated file has none)
+    and a parsable segment chain up to the frame header. It does not decode pixels.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    if data.find(b"\xff\xd9", max(0, n - 64)) < 0:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or scan data before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            h, w = struct.unpack_from(">HH", data, i + 5)
+            return (h, w) if h > 0 and w > 0 else None
+        i += 2 + length
+    return None
+
+
+def _gray_jpeg() -> bytes:
+    """A small JPEG filled with the ImageNet mean color (normalizes to ~0)."""
+    from PIL import Image
+
+    color = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+    buf = io.BytesIO()
+    Image.new("RGB", (_GRAY_SIDE, _GRAY_SIDE), color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+class _SampleSource:
+    """Per-sample callback of DALI's parallel external_source (runs in worker processes).
+
+    Module-level and holding only plain values plus a :class:`ShardedDataset` (which
+    pickles without open handles), so it survives ``py_start_method="spawn"``.
+    """
+
+    def __init__(self, root: str, *, seed: int, first_batch: int, global_batch: int, rank: int,
+                 world_size: int, batches_per_epoch: int, scale: tuple[float, float],
+                 ratio: tuple[float, float], hflip: float):
+        self.dataset = ShardedDataset(root)
+        self.n = len(self.dataset)
+        self.seed = seed
+        self.first_batch = first_batch
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.batches_per_epoch = batches_per_epoch
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip = hflip
+        self._perms: dict[int, np.ndarray] = {}
+        self._gray: bytes | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_perms"] = {}
+        return state
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            # Two epochs at most: around a boundary a worker serves samples of both.
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            perm = order.epoch_permutation(self.seed, epoch, self.n)
+            if self.n < 2**31:
+                perm = perm.astype(np.int32)  # halves the per-worker cache (52 MB at 13M records)
+            self._perms[epoch] = perm
+        return perm
+
+    def _sound(self, index: int) -> tuple[bytes, int, int] | None:
+        """(bytes, h, w) of record ``index`` when it passes crc and the JPEG header check."""
+        try:
+            data = self.dataset.read(index)
+        except RecordCorruptError:
+            return None
+        h, w = self.dataset.shape(index)
+        return (data, h, w) if jpeg_size(data) == (h, w) else None
+
+    def record(self, epoch: int, pos: int) -> tuple[bytes, int, int, int, int]:
+        """(bytes, h, w, record used, intended record) for permutation position ``pos``."""
+        perm = self._permutation(epoch)
+        index = int(perm[pos])
+        for t in range(min(MAX_SUBSTITUTE_TRIES, self.n)):
+            used = int(perm[(pos + t) % self.n])
+            got = self._sound(used)
+            if got is not None:
+                return got[0], got[1], got[2], used, index
+        if self._gray is None:
+            self._gray = _gray_jpeg()
+        return self._gray, _GRAY_SIDE, _GRAY_SIDE, _GRAY, index
+
+    def __call__(self, info: Any) -> tuple[np.ndarray, ...]:
+        """DALI SampleInfo -> (bytes, anchor, shape, mirror, meta) of one sample."""
+        k = int(info.idx_in_epoch)
+        epoch, pos = order.stream_position(
+            k, first_batch=self.first_batch, global_batch=self.global_batch, rank=self.rank,
+            world_size=self.world_size, batches_per_epoch=self.batches_per_epoch)
+        data, h, w, used, index = self.record(epoch, pos)
+        # Draws are keyed by the intended record, so a substitute does not shift anyone's.
+        y, x, ch, cw = order.crop_params(self.seed, epoch, index, h, w, self.scale, self.ratio)
+        mirror = order.flip(self.seed, epoch, index, self.hflip)
+        return (
+            np.frombuffer(data, dtype=np.uint8),
+            np.array([y, x], dtype=np.int32),
+            np.array([ch, cw], dtype=np.int32),
+            np.array(int(mirror), dtype=np.int32),
+            np.array([k, index, used, int(used != index)], dtype=np.int64),
+        )
+
+
+def resolve_decode_device(cfg_device: str, device: torch.device) -> str:
+    """DataConfig.device + training device -> DALI decoder device ("mixed" or "cpu")."""
+    if cfg_device == "gpu":
+        if device.type != "cuda":
+            raise ValueError(f"data.device: gpu decoding needs a CUDA training device, got {device}")
+        return "mixed"
+    if cfg_device == "auto":
+        return "mixed" if device.type == "cuda" and torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+class InputPipeline:
+    """Endless stream of this rank's micro-batches in the global order.
+
+    Yields ``(micro_batch, 3, img_size, img_size)`` tensors on ``device``. Global batch
+    g's slice for this rank (``global_batch // world_size`` samples) comes as
+    ``accum = global_batch // (world_size * micro_batch)`` consecutive micro-batches;
+    global batches follow in order, epochs follow each other.
+
+    ``state_dict()`` / ``load_state_dict()`` work at global-batch boundaries; after a
+    load the next micro-batch is the first of global batch ``samples_seen //
+    global_batch``, for any world size with the same global batch.
+    """
+
+    def __init__(self, cfg: DataConfig, *, seed: int, global_batch: int, micro_batch: int, rank: int,
+                 world_size: int, device: str | torch.device = "cpu"):
+        self._pipe: Any = None  # set first: close() (and __del__) must work if validation fails
+        cfg.validate()
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if micro_batch <= 0 or global_batch <= 0 or global_batch % (world_size * micro_batch):
+            raise ValueError(f"global batch {global_batch} is not divisible by world_size * micro_batch = "
+                             f"{world_size} * {micro_batch}")
+        self.cfg = cfg
+        self.seed = seed
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.accum = global_batch // (world_size * micro_batch)
+        self.device = torch.device(device)
+        self.decode_device = resolve_decode_device(cfg.device, self.device)
+        self.out_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        self._dataset = ShardedDataset(cfg.path)
+        self._n = len(self._dataset)
+        if self._n < global_batch:
+            raise ValueError(f"data.path: dataset of {self._n} records is smaller than one global batch "
+                             f"of {global_batch}")
+        self._steps_per_epoch = order.steps_per_epoch(self._n, global_batch)
+        self._batches_done = 0  # absolute global batches completed (all epochs)
+        self._micro = 0  # micro-batches of the current global batch already yielded
+        self._k = 0  # next stream sample index expected from the running DALI pipeline
+        self.substituted = 0
+        self.substituted_records: list[tuple[int, str]] = []
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch (the last partial one is dropped)."""
+        return self._steps_per_epoch
+
+    @property
+    def dataset_len(self) -> int:
+        return self._n
+
+    @property
+    def samples_seen(self) -> int:
+        """Global samples of completed global batches."""
+        return self._batches_done * self.global_batch
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next global batch."""
+        return self._batches_done // self._steps_per_epoch
+
+    def _build(self) -> None:
+        from nvidia.dali import Pipeline, fn, types
+
+        source = _SampleSource(
+            str(self.cfg.path), seed=self.seed, first_batch=self._batches_done, global_batch=self.global_batch,
+            rank=self.rank, world_size=self.world_size, batches_per_epoch=self._steps_per_epoch,
+            scale=tuple(self.cfg.scale), ratio=tuple(self.cfg.ratio), hflip=self.cfg.hflip)
+        gpu = self.decode_device == "mixed"
+        pipe = Pipeline(
+            batch_size=self.micro_batch, num_threads=self.cfg.decode_threads,
+            device_id=(self.device.index or 0) if gpu else None, seed=self.seed % 2**31,
+            prefetch_queue_depth=self.cfg.prefetch, py_num_workers=self.cfg.workers,
+            # spawn, not fork: forking after CUDA (or DeepSpeed) initialized is unsafe.
+            py_start_method="spawn")
+        with pipe:
+            data, anchor, shape, mirror, meta = fn.external_source(
+                source=source, num_outputs=5, batch=False, parallel=True,
+                prefetch_queue_depth=self.cfg.prefetch,
+                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT64],
+                ndim=[1, 1, 1, 0, 1])
+            decode_kw: dict[str, Any] = {"hw_decoder_load": self.cfg.hw_decoder_load} if gpu else {}
+            # Orientation off: crop boxes are drawn on the stored (header) size, which the
+            # source checked against the index; rotating by EXIF would invalidate them.
+            images = fn.decoders.image_slice(
+                data, anchor, shape, device="mixed" if gpu else "cpu", axis_names="HW",
+                output_type=types.RGB, adjust_orientation=False, **decode_kw)
+            images = fn.resize(images, size=[self.cfg.img_size, self.cfg.img_size],
+                               interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.crop_mirror_normalize(
+                images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+            pipe.set_outputs(images, meta)
+        pipe.build()
+        self._pipe = pipe
+        self._k = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        """The next micro-batch: (micro_batch, 3, img_size, img_size), cfg.dtype, on self.device."""
+        if self._pipe is None:
+            self._build()
+        images_tl, meta_tl = self._pipe.run()
+        meta = np.array(meta_tl.as_tensor())  # (micro_batch, 4) int64, host data already
+        expected = np.arange(self._k, self._k + self.micro_batch)
+        if not np.array_equal(meta[:, _META_K], expected):
+            raise RuntimeError(f"DALI delivered stream samples {meta[:, _META_K].tolist()}, expected "
+                               f"{expected.tolist()}: the sample order guarantee is broken")
+        self._k += self.micro_batch
+        self._note_substitutions(meta)
+        images = self._to_torch(images_tl)
+        self._micro += 1
+        if self._micro == self.accum:
+            self._micro = 0
+            self._batches_done += 1
+        return images
+
+    def _to_torch(self, images_tl: Any) -> torch.Tensor:
+        """DALI TensorList (micro_batch, 3, S, S) -> torch tensor on self.device, without a host trip on GPU."""
+        dense = images_tl.as_tensor()
+        if self.decode_device == "mixed":
+            # DLPack import on DALI's output; torch waits on DALI's stream, no copy, no host sync.
+            with torch.cuda.device(self.device):
+                images = torch.from_dlpack(dense)
+        else:
+            images = torch.from_dlpack(dense)
+            if self.device.type != "cpu":
+                # data.device=cpu with a CUDA trainer: the one host->device copy is unavoidable.
+                images = images.pin_memory().to(self.device, non_blocking=True)
+        return images.to(self.out_dtype) if images.dtype != self.out_dtype else images
+
+    def _note_substitutions(self, meta: np.ndarray) -> None:
+        bad = meta[meta[:, _META_FLAG] != 0]
+        for k, index, used, _flag in bad.tolist():
+            self.substituted += 1
+            name = self._dataset.source(index)
+            if len(self.substituted_records) < SUBSTITUTED_LIST_LEN:
+                self.substituted_records.append((index, name))
+            replacement = "a mean-gray image" if used == _GRAY else f"record {used}"
+            log.warning("rank %d: record %d (%s) failed its checks; replaced by %s (stream sample %d, "
+                        "%d substituted so far)", self.rank, index, name, replacement, k, self.substituted)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable position; only at a global-batch boundary."""
+        if self._micro:
+            raise ValueError(f"state_dict() in the middle of a global batch ({self._micro}/{self.accum} "
+                             "micro-batches yielded); save after the optimizer step")
+        return {"seed": self.seed, "global_batch": self.global_batch, "dataset_len": self._n,
+                "samples_seen": self.samples_seen, "substituted": self.substituted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state["samples_seen"]``; the world size may differ from the saving run's."""
+        if self._micro:
+            raise ValueError("load_state_dict() in the middle of a global batch; load before iterating")
+        for key, mine in (("global_batch", self.global_batch), ("dataset_len", self._n), ("seed", self.seed)):
+            if state.get(key) != mine:
+                raise ValueError(f"cannot resume the input pipeline: {key} was {state.get(key)!r} in the "
+                                 f"checkpoint and is {mine!r} now; the sample order would differ")
+        epoch, g = order.position(int(state["samples_seen"]), self._n, self.global_batch)
+        self.close()
+        self._batches_done = epoch * self._steps_per_epoch + g
+        self.substituted = int(state.get("substituted", 0))
+
+    def close(self) -> None:
+        """Stop DALI's executor and its worker processes (rebuilt on the next iteration)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            # DALI frees these in finalizers at garbage collection; close now so the
+            # worker processes and pinned/shared memory do not outlive the pipeline.
+            pipe._shutdown()
+            if pipe._py_pool is not None:
+                pipe._py_pool.close()
+
+    def __enter__(self) -> "InputPipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
