@@ -244,6 +244,8 @@ class InputPipeline:
         self._k = 0  # next stream sample index expected from the running DALI pipeline
         self.substituted = 0
         self.substituted_records: list[tuple[int, str]] = []
+        self.last_indices = np.empty(0, dtype=np.int64)
+        """Record indices (by the order, before substitution) of the last micro-batch, (micro_batch,)."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -314,6 +316,7 @@ class InputPipeline:
             raise RuntimeError(f"DALI delivered stream samples {meta[:, _META_K].tolist()}, expected "
                                f"{expected.tolist()}: the sample order guarantee is broken")
         self._k += self.micro_batch
+        self.last_indices = meta[:, _META_INDEX].copy()
         self._note_substitutions(meta)
         images = self._to_torch(images_tl)
         self._micro += 1
