@@ -34,6 +34,7 @@ setup(
         "console_scripts": [
             "smae-pack=data_prep.cli:main",
             "smae-bench=selectivemae_ds.benchmark.cli:main",
+            "smae-pretrain=selectivemae_ds.trainer:main",
         ],
     },
 )

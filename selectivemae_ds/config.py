@@ -1,0 +1,399 @@
+"""The experiment configuration: one TOML (+ ``--set a.b=v`` overrides) -> one validated TrainConfig.
+
+Sections of the TOML map to dataclasses::
+
+    run_dir = "runs/x"        # top-level key
+    [model]      ModelConfig      (selectivemae_ds.models.config)
+    [masking]    MaskingConfig    (selectivemae_ds.models.config)
+    [data]       DataConfig       (selectivemae_ds.data.config)
+    [optim]      OptimConfig      (this module)
+    [train]      TrainLoopConfig  (this module)
+    [checkpoint] CheckpointConfig (this module)
+
+Unknown keys are rejected naming the key; values are coerced to the dataclass field
+types (``--set train.steps=10`` gives an int); every section is validated before any
+work starts. ``data.img_size`` follows ``model.img_size`` unless the user sets it, in
+which case the two must agree (there is one model input size).
+
+Counting is in optimizer steps inside the code: ``train.epochs`` and
+``optim.warmup_epochs`` are user-facing units converted once by :func:`resolve_steps`
+when the dataset size is known, and the resolved config (with steps filled in) is what
+gets written into the run dir and the checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selectivemae_ds.data.config import DataConfig
+from selectivemae_ds.models.config import MaskingConfig, ModelConfig
+
+RESOLVED_NAME = "config.toml"
+
+
+@dataclass
+class OptimConfig:
+    """The ``[optim]`` section: AdamW and the learning-rate schedule."""
+
+    blr: float = 1.5e-4
+    """Base learning rate (MAE rule): lr = blr * train.global_batch / 256, times
+    masking.decode_ratio / masking.mask_ratio for selectivemae when ``scale_by_decode`` is on."""
+    lr: float = 0.0
+    """Absolute peak learning rate; > 0 replaces the blr rule entirely."""
+    scale_by_decode: bool = True
+    """Scale the selectivemae lr by decode_ratio / mask_ratio (0.25 / 0.85 in the paper)."""
+    min_lr: float = 0.0
+    """Floor of the cosine decay."""
+    warmup_steps: int = -1
+    """Linear warmup length in optimizer steps; -1 means use ``warmup_epochs``."""
+    warmup_epochs: float = 40.0
+    """Linear warmup in epochs (paper: 40 of 800), converted to steps once."""
+    beta1: float = 0.9
+    """AdamW beta1 (MAE: 0.9)."""
+    beta2: float = 0.95
+    """AdamW beta2 (MAE: 0.95)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay on matrices; norms, biases and pos/cls/mask tokens get none."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending ``optim.*`` key."""
+        if not self.blr > 0.0:
+            raise ValueError(f"optim.blr: must be > 0, got {self.blr}")
+        if self.lr < 0.0:
+            raise ValueError(f"optim.lr: must be >= 0 (0 = use the blr rule), got {self.lr}")
+        if self.min_lr < 0.0:
+            raise ValueError(f"optim.min_lr: must be >= 0, got {self.min_lr}")
+        if self.warmup_steps < -1:
+            raise ValueError(f"optim.warmup_steps: must be >= 0 or -1 (use warmup_epochs), got {self.warmup_steps}")
+        if self.warmup_epochs < 0.0:
+            raise ValueError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"optim.{key}: must be in [0, 1), got {value}")
+        if not self.eps > 0.0:
+            raise ValueError(f"optim.eps: must be > 0, got {self.eps}")
+        if self.weight_decay < 0.0:
+            raise ValueError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0.0:
+            raise ValueError(f"optim.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The ``[train]`` section: length, batch geometry, seeds and logging cadence."""
+
+    steps: int = 0
+    """Total optimizer steps; 0 means use ``epochs``."""
+    epochs: float = 0.0
+    """Total epochs (paper: 800), converted once to steps from the dataset size."""
+    global_batch: int = 1024
+    """Images per optimizer step over all ranks (paper: 1024)."""
+    micro_batch: int = 64
+    """Images per forward/backward on one rank; the rest is gradient accumulation."""
+    seed: int = 0
+    """Seed of the data order and of the per-step model randomness."""
+    log_every: int = 10
+    """Optimizer steps between log lines (console, JSONL, TensorBoard)."""
+    picture_every: int = 500
+    """Optimizer steps between reconstruction pictures in TensorBoard; 0 disables them."""
+    max_nonfinite: int = 5
+    """Consecutive non-finite steps tolerated before rolling back to the last checkpoint
+    (once), then stopping with an error."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 = look it up from the device
+    name (A100/H100/H200), MFU is reported as null when unknown (e.g. CPU)."""
+    nonfinite_at: list[int] = field(default_factory=list)
+    """Fault injection for tests and drills: optimizer steps whose loss is replaced by NaN."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending ``train.*`` key."""
+        if self.steps < 0:
+            raise ValueError(f"train.steps: must be >= 0, got {self.steps}")
+        if self.epochs < 0.0:
+            raise ValueError(f"train.epochs: must be >= 0, got {self.epochs}")
+        if self.steps == 0 and self.epochs == 0.0:
+            raise ValueError("train.steps: set train.steps or train.epochs (both are 0)")
+        if self.steps > 0 and self.epochs > 0.0:
+            raise ValueError(f"train.steps: set train.steps ({self.steps}) or train.epochs ({self.epochs}), not both")
+        if self.global_batch < 1:
+            raise ValueError(f"train.global_batch: must be >= 1, got {self.global_batch}")
+        if self.micro_batch < 1:
+            raise ValueError(f"train.micro_batch: must be >= 1, got {self.micro_batch}")
+        if self.global_batch % self.micro_batch != 0:
+            raise ValueError(
+                f"train.global_batch: {self.global_batch} is not a multiple of train.micro_batch ({self.micro_batch})"
+            )
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every: must be >= 1, got {self.log_every}")
+        if self.picture_every < 0:
+            raise ValueError(f"train.picture_every: must be >= 0 (0 disables), got {self.picture_every}")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
+        if self.peak_tflops < 0.0:
+            raise ValueError(f"train.peak_tflops: must be >= 0, got {self.peak_tflops}")
+
+    def check_world_size(self, world_size: int) -> int:
+        """Gradient-accumulation steps for ``world_size`` ranks; ValueError if the batch does not split."""
+        per_step = world_size * self.micro_batch
+        if self.global_batch % per_step != 0:
+            raise ValueError(
+                f"train.global_batch: {self.global_batch} is not a multiple of "
+                f"train.micro_batch ({self.micro_batch}) x {world_size} ranks"
+            )
+        return self.global_batch // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    """The ``[checkpoint]`` section: DeepSpeed sharded checkpoints under ``run_dir/checkpoints``."""
+
+    every_steps: int = 1000
+    """Optimizer steps between checkpoints (one is always written at the end); 0 = only at the end."""
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: str = ""
+    """"" = fresh start, "auto" = newest complete checkpoint of this run_dir (fresh if none),
+    or a path to a checkpoint tag directory (also a universal one, see docs/training.md)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending ``checkpoint.*`` key."""
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep: must be >= 1, got {self.keep}")
+        if self.resume not in ("", "auto") and not Path(self.resume).is_dir():
+            raise ValueError(f"checkpoint.resume: {self.resume} is neither \"auto\" nor a checkpoint directory")
+
+
+@dataclass
+class TrainConfig:
+    """The root of the experiment configuration."""
+
+    run_dir: str = ""
+    """Output directory: resolved config, checkpoints/, tensorboard/, metrics.jsonl."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        """Validate every section and the cross-section rules; ValueError names the key."""
+        if not self.run_dir:
+            raise ValueError("run_dir: no output directory given")
+        self.model.validate()
+        self.masking.validate(self.model.method, self.model.num_patches())
+        self.data.validate()
+        if self.data.img_size != self.model.img_size:
+            raise ValueError(
+                f"data.img_size: {self.data.img_size} differs from model.img_size ({self.model.img_size}); "
+                "leave data.img_size unset to follow the model"
+            )
+        self.optim.validate()
+        self.train.validate()
+        self.checkpoint.validate()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the checkpoint tags live."""
+        return Path(self.run_dir) / "checkpoints"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "masking": MaskingConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainLoopConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a TOML value or a ``--set`` string to the field type ``hint``; ValueError names ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, non_none[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [v for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple:
+            item_types = [args[0]] * len(value) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
+            if len(item_types) != len(value):
+                raise ValueError(f"{key}: expected {len(item_types)} values, got {value!r}")
+            return tuple(_coerce(key, v, t) for v, t in zip(value, item_types))
+        return [_coerce(key, v, args[0] if args else str) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError as e:
+                raise ValueError(f"{key}: expected an integer, got {value!r}") from e
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError as e:
+                raise ValueError(f"{key}: expected a number, got {value!r}") from e
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ValueError(f"{key}: unsupported field type {hint!r}")
+
+
+def _apply(obj: Any, prefix: str, values: dict[str, Any]) -> None:
+    """Set ``values`` on the dataclass ``obj`` (coerced), rejecting unknown keys."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ValueError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+        setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+    """Split ``a.b=v`` into (``a.b``, ``v``)."""
+    if "=" not in text:
+        raise ValueError(f"--set {text}: expected key=value, e.g. train.steps=100")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def build_config(table: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """Build and validate a TrainConfig from a parsed TOML table and ``--set`` overrides."""
+    cfg = TrainConfig()
+    user_keys: set[str] = set()
+    for name, value in table.items():
+        if name == "run_dir":
+            cfg.run_dir = _coerce("run_dir", value, str)
+        elif name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}: expected a [{name}] table, got {value!r}")
+            _apply(getattr(cfg, name), f"{name}.", value)
+            user_keys.update(f"{name}.{k}" for k in value)
+        else:
+            raise ValueError(f"{name}: unknown key (known: run_dir, {', '.join(SECTIONS)})")
+    for text in overrides or []:
+        key, value = _parse_override(text)
+        if key == "run_dir":
+            cfg.run_dir = value
+            continue
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ValueError(f"{key}: unknown key (sections: run_dir, {', '.join(SECTIONS)})")
+        _apply(getattr(cfg, section), f"{section}.", {name: value})
+        user_keys.add(key)
+    if "data.img_size" not in user_keys:
+        cfg.data.img_size = cfg.model.img_size
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read an experiment TOML (or none: all defaults), apply ``--set`` overrides, validate."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from e
+    return build_config(table, overrides)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as nested plain data (tuples become lists), ready for JSON or TOML."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def resolve_steps(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """Return a copy with ``train.steps`` and ``optim.warmup_steps`` in steps (epochs converted once)."""
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"train.global_batch: {cfg.train.global_batch} is larger than the dataset; no full global batch per epoch"
+        )
+    out = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train), optim=dataclasses.replace(cfg.optim)
+    )
+    if out.train.steps == 0:
+        out.train.steps = max(1, math.ceil(out.train.epochs * steps_per_epoch))
+        out.train.epochs = 0.0
+    if out.optim.warmup_steps < 0:
+        out.optim.warmup_steps = int(round(out.optim.warmup_epochs * steps_per_epoch))
+    out.optim.warmup_steps = min(out.optim.warmup_steps, out.train.steps)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    """Render one TOML value (str, bool, int, float, list)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML text that :func:`load_config` reads back (None fields are omitted = default)."""
+    data = config_to_dict(cfg)
+    lines = [f"run_dir = {_toml_value(data.pop('run_dir'))}"]
+    for section, values in data.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
+    return "\n".join(lines) + "\n"
+
+
+def write_resolved(cfg: TrainConfig, run_dir: str | os.PathLike[str]) -> Path:
+    """Write the resolved config into ``run_dir/config.toml`` atomically and return its path."""
+    path = Path(run_dir) / RESOLVED_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(to_toml(cfg), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
