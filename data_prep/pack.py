@@ -1,0 +1,458 @@
+"""Orchestration of ``smae-pack``: enumerate, process in parallel, dedup, write shards.
+
+Pipeline::
+
+    enumerate inputs (sources.py, deterministic order)
+      -> batches of inputs, processed by N worker processes (worker.py), each batch's
+         result persisted atomically in the work directory (work.py)
+      -> consumed strictly in batch order by the main process:
+         near-duplicate filter (dedup.py) -> ShardWriter, ``images_per_shard`` records
+         per shard, each finalized by atomic rename and logged in the work directory
+      -> manifest.json (the commit point) -> work directory removed
+
+Why the output cannot depend on N: every decision that shapes the output (the record
+order, dedup, the shard boundaries) is taken by the main process in batch order; workers
+only compute pure functions of their inputs. Batch size is a function of the number of
+inputs, not of N.
+
+Resume: a rerun with the same inputs and options reuses every committed batch and skips
+every shard logged as finalized; dedup is replayed from the batch metas (hashes only,
+milliseconds), so later records see exactly the same kept set as in an uninterrupted
+run. A shard directory that exists but is not logged (kill between rename and log) is
+removed and written again, as are temporary files of an interrupted writer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
+
+from data_prep import worker
+from data_prep.dedup import NearDuplicateIndex
+from data_prep.images import PackOptions
+from data_prep.sources import KIND_TAR, InputItem, InputReadError, TarReader, describe_sources, enumerate_inputs
+from data_prep.work import WORK_DIR_NAME, WorkDir, fingerprint_of
+from selectivemae_ds.data.shards import (
+    MANIFEST_NAME, SCHEMA_VERSION, ShardInfo, ShardWriter, read_manifest, shard_name, write_manifest,
+)
+
+DEFAULT_IMAGES_PER_SHARD = 4096
+DEFAULT_DEDUP_DISTANCE = 4
+MAX_BATCH = 256
+SAMPLES_PER_REASON = 20
+
+REPORTED_REASONS: tuple[str, ...] = (
+    "corrupt", "too_small", "duplicate", "too_large_pixels", "too_large_file",
+    "unreadable", "not_image", "empty", "broken_archive",
+)
+"""Reasons always present in the report (with 0 when none occurred)."""
+
+_SHARD_DIR = re.compile(r"shard-\d{5}\.zarr")
+_OUR_TEMP_PREFIXES = (".shard-", ".manifest.")
+
+
+class PackError(RuntimeError):
+    """A problem the user must act on (message says how); the CLI prints it, exit 2."""
+
+
+@dataclass
+class PackConfig:
+    """Everything a packing run depends on."""
+
+    sources: list[str]
+    """Directories, archives or image files, in order."""
+    out: Path
+    """Output dataset directory."""
+    workers: int = 1
+    """Worker processes; 1 processes inline. Does not change the output."""
+    images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
+    """Records per shard (the last shard holds the remainder)."""
+    dedup_distance: int = DEFAULT_DEDUP_DISTANCE
+    """Hamming distance for near-duplicates; 0 exact only; negative disables dedup."""
+    options: PackOptions = field(default_factory=PackOptions)
+    """Per-image processing options."""
+    restart: bool = False
+    """Discard an earlier run's state in ``out`` instead of resuming it."""
+    progress: bool = True
+    """Show a tqdm progress bar on stderr."""
+
+
+def batch_size_for(n_inputs: int) -> int:
+    """Inputs per batch: small sets still spread over workers, big ones keep the work
+    directory at ~n/256 files. A function of the input count only (resume relies on it)."""
+    return min(MAX_BATCH, max(1, math.ceil(n_inputs / 64)))
+
+
+class Stats:
+    """Counters of a run; rebuilt identically on resume from the batch metas."""
+
+    def __init__(self) -> None:
+        self.inputs = 0
+        self.packed = 0
+        self.sliced = 0
+        self.passthrough = 0
+        self.skipped: dict[str, int] = {r: 0 for r in REPORTED_REASONS}
+        self.samples: dict[str, list[dict[str, str]]] = {}
+
+    def skip(self, reason: str, source: str, detail: str = "") -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        bucket = self.samples.setdefault(reason, [])
+        if len(bucket) < SAMPLES_PER_REASON:
+            bucket.append({"source": source, "detail": detail} if detail else {"source": source})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "packed": self.packed,
+            "sliced": self.sliced,
+            "passthrough": self.passthrough,
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_samples": {k: v for k, v in sorted(self.samples.items())},
+        }
+
+
+class ShardAssembler:
+    """Consumes batch results in order: dedup, then append records to shards."""
+
+    def __init__(self, out: Path, work: WorkDir, per_shard: int, dedup: NearDuplicateIndex,
+                 done: list[dict[str, Any]]):
+        self.out = out
+        self.work = work
+        self.per_shard = per_shard
+        self.dedup = dedup
+        self.done = done
+        self.stats = Stats()
+        self._writer: ShardWriter | None = None
+        self._with_payload: list[int] = []
+
+    def consume(self, batch: int, meta: dict[str, Any], load_payload: Callable[[int], bytes]) -> None:
+        payload: bytes | None = None
+        offset = 0
+        st = self.stats
+        for entry in meta["items"]:
+            st.inputs += 1
+            if entry["reason"] is not None:
+                st.skip(entry["reason"], entry["source"], entry["detail"])
+                continue
+            st.sliced += int(entry["sliced"])
+            st.passthrough += int(entry["passthrough"])
+            for source, height, width, phash, length in entry["records"]:
+                start, offset = offset, offset + length
+                if not self.dedup.offer(phash):
+                    st.skip("duplicate", source)
+                    continue
+                index = st.packed
+                st.packed += 1
+                if index // self.per_shard < len(self.done):
+                    continue  # its shard is finalized already (resumed run)
+                if payload is None:
+                    payload = load_payload(batch)
+                if self._writer is None:
+                    self._writer = ShardWriter(self.out, shard_name(index // self.per_shard))
+                self._writer.add(payload[start:offset], height, width, phash, source)
+                if len(self._writer) == self.per_shard:
+                    self._finalize(batch)
+        self._with_payload.append(batch)
+
+    def _finalize(self, current_batch: int) -> None:
+        assert self._writer is not None
+        info = self._writer.finalize()
+        self._writer = None
+        self.done.append(info.to_json())
+        self.work.write_shards(self.done)
+        # Every record of the batches before the current one is now in a finalized
+        # shard: their payloads are dead weight (the metas stay for dedup replay).
+        keep = []
+        for b in self._with_payload:
+            if b < current_batch:
+                self.work.drop_payload(b)
+            else:
+                keep.append(b)
+        self._with_payload = keep
+
+    def finish(self) -> list[ShardInfo]:
+        if self._writer is not None:
+            self._finalize(sys.maxsize)
+        return [ShardInfo(s["name"], s["count"], s["bytes"], s["index_sha256"]) for s in self.done]
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+
+def _inputs_digest(items: list[InputItem]) -> str:
+    rows = [[i.source, i.kind, i.member, i.size, i.mtime_ns, i.reason] for i in items]
+    return fingerprint_of({"items": rows})
+
+
+def _describe(cfg: PackConfig, items: list[InputItem], batch: int) -> dict[str, Any]:
+    """The options and inputs that determine the output (not workers, not progress)."""
+    return {
+        "tool": "smae-pack",
+        "schema": SCHEMA_VERSION,
+        "sources": describe_sources(cfg.sources),
+        "inputs": len(items),
+        "inputs_sha256": _inputs_digest(items),
+        "options": asdict(cfg.options),
+        "images_per_shard": cfg.images_per_shard,
+        "dedup_distance": cfg.dedup_distance,
+        "batch_size": batch,
+    }
+
+
+def _is_ours(name: str) -> bool:
+    return (name in (MANIFEST_NAME, WORK_DIR_NAME) or _SHARD_DIR.fullmatch(name) is not None
+            or name.startswith(_OUR_TEMP_PREFIXES))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clear_ours(out: Path) -> None:
+    for p in sorted(out.iterdir()):
+        if _is_ours(p.name):
+            _remove(p)
+
+
+def _prepare_out(cfg: PackConfig, fingerprint: str, description: dict[str, Any]) -> str:
+    """Bring ``out`` into a state this run can continue from; return "fresh", "resume"
+    or "complete"."""
+    out = cfg.out
+    work = WorkDir(out)
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    has_manifest = (out / MANIFEST_NAME).is_file()
+    if cfg.restart:
+        _clear_ours(out)
+    elif work.exists():
+        previous = work.read_fingerprint()
+        if previous is not None and previous != fingerprint:
+            raise PackError(
+                f"{out} holds an unfinished run with different inputs or options. Rerun the original "
+                "command to finish it, use a fresh --out, or add --restart to discard it.")
+    elif has_manifest:
+        params = read_manifest(out).get("params", {})
+        if params.get("fingerprint") == fingerprint:
+            return "complete"
+        raise PackError(
+            f"{out} already holds a dataset packed from different inputs or options. "
+            "Use a fresh --out, or add --restart to replace it.")
+    else:
+        foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name))
+        if foreign:
+            raise PackError(f"--out {out} is not empty and was not written by smae-pack "
+                            f"(found {foreign[:3]}); choose an empty or new directory")
+    resumed = work.exists() and work.read_fingerprint() == fingerprint
+    if not resumed:
+        work.create(fingerprint, description)
+    # Leftovers of an interrupted writer: spool files, partial shard dirs, manifest temps.
+    for p in sorted(out.iterdir()):
+        if p.name.startswith(_OUR_TEMP_PREFIXES):
+            _remove(p)
+    done = work.read_shards()
+    keep: list[dict[str, Any]] = []
+    for s in done:
+        if (out / s["name"]).is_dir() and s["name"] == shard_name(len(keep)):
+            keep.append(s)
+        else:
+            break
+    if len(keep) != len(done):
+        work.write_shards(keep)
+    kept_names = {s["name"] for s in keep}
+    for p in sorted(out.iterdir()):
+        if _SHARD_DIR.fullmatch(p.name) and p.name not in kept_names:
+            _remove(p)  # renamed into place but never logged: rewritten below
+    return "resume" if resumed else "fresh"
+
+
+def _preread_tar(tars: TarReader, chunk: list[InputItem]) -> dict[int, bytes | tuple[str, str]]:
+    """Bytes (or ``(reason, detail)``) of the tar members of a batch, by position."""
+    got: dict[int, bytes | tuple[str, str]] = {}
+    for pos, item in enumerate(chunk):
+        if item.kind == KIND_TAR and item.reason is None:
+            try:
+                got[pos] = tars.read(item)
+            except InputReadError as e:
+                got[pos] = (e.reason, e.detail)
+    return got
+
+
+def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkDir,
+                   options: PackOptions, out: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(batch number, meta) in batch order, computing only the batches not committed yet.
+
+    At most ``2 * workers`` batches are in flight or buffered: a bounded window, unlike
+    ``Pool.imap`` whose feeder would read every tar member into memory up front.
+    """
+    n_batches = math.ceil(len(items) / batch) if items else 0
+    tars = TarReader()
+
+    def preread(chunk: list[InputItem]) -> dict[int, bytes | tuple[str, str]]:
+        return _preread_tar(tars, chunk)
+
+    def chunk_of(b: int) -> list[InputItem]:
+        return items[b * batch:(b + 1) * batch]
+
+    try:
+        if workers <= 1:
+            worker.init_worker(options, str(out))
+            for b in range(n_batches):
+                meta = work.read_meta(b)
+                if meta is None:
+                    chunk = chunk_of(b)
+                    meta = worker.process_batch(b, chunk, preread(chunk))
+                yield b, meta
+            return
+        ctx = multiprocessing.get_context("spawn")  # no fork: Zarr and tqdm run threads here
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker.init_worker,
+                                 initargs=(options, str(out))) as pool:
+            window: deque[tuple[int, dict[str, Any] | Future[dict[str, Any]]]] = deque()
+            next_b = 0
+            try:
+                while next_b < n_batches or window:
+                    while next_b < n_batches and len(window) < 2 * workers:
+                        meta = work.read_meta(next_b)
+                        if meta is None:
+                            chunk = chunk_of(next_b)
+                            window.append((next_b, pool.submit(worker.process_batch, next_b, chunk,
+                                                                preread(chunk))))
+                        else:
+                            window.append((next_b, meta))
+                        next_b += 1
+                    b, pending = window.popleft()
+                    yield b, pending.result() if isinstance(pending, Future) else pending
+            except BrokenProcessPool as e:
+                raise PackError("a worker process died (killed or out of memory); rerun the same "
+                                "command to resume from the last committed batch") from e
+            finally:
+                for _b, pending in window:
+                    if isinstance(pending, Future):
+                        pending.cancel()
+    finally:
+        tars.close()
+
+
+def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int,
+                               options: PackOptions, out: Path) -> Callable[[int], bytes]:
+    def load(b: int) -> bytes:
+        try:
+            return work.read_payload(b)
+        except FileNotFoundError:
+            # Only reachable when someone deleted work files by hand: the batch is a
+            # pure function of its inputs, so recompute it rather than fail.
+            worker.init_worker(options, str(out))
+            chunk = items[b * batch:(b + 1) * batch]
+            tars = TarReader()
+            try:
+                pre = _preread_tar(tars, chunk)
+            finally:
+                tars.close()
+            worker.process_batch(b, chunk, pre)
+            return work.read_payload(b)
+    return load
+
+
+def summary_from(stats: dict[str, Any], shards: int, seconds: float, out: Path, workers: int,
+                 ignored: int, state: str) -> dict[str, Any]:
+    """The report document (also what is printed)."""
+    doc = dict(stats)
+    doc.update({
+        "out": str(out),
+        "shards": shards,
+        "ignored_files": ignored,
+        "seconds": round(seconds, 3),
+        "inputs_per_second": round(stats["inputs"] / seconds, 2) if seconds > 0 else None,
+        "workers": workers,
+        "run": state,
+    })
+    return doc
+
+
+def format_summary(doc: dict[str, Any]) -> str:
+    skipped = ", ".join(f"{k}={v}" for k, v in doc["skipped"].items() if v) or "none"
+    return (f"smae-pack: packed {doc['packed']} records from {doc['inputs']} inputs into {doc['shards']} shard(s) "
+            f"in {doc['seconds']:.1f} s ({doc['run']} run, {doc['workers']} worker(s))\n"
+            f"  sliced inputs: {doc['sliced']}, JPEG passed through: {doc['passthrough']}\n"
+            f"  skipped: {skipped}\n"
+            f"  ignored (not an image or archive name): {doc['ignored_files']} file(s)\n"
+            f"  output: {doc['out']}")
+
+
+def pack(cfg: PackConfig) -> dict[str, Any]:
+    """Run (or resume, or confirm) a packing job; return the summary document."""
+    t0 = time.monotonic()
+    if cfg.images_per_shard < 1:
+        raise PackError(f"--images-per-shard must be >= 1, got {cfg.images_per_shard}")
+    if cfg.workers < 1:
+        raise PackError(f"--workers must be >= 1, got {cfg.workers}")
+    if cfg.dedup_distance > 32:
+        raise PackError(f"--dedup-distance above 32 would call unrelated images duplicates "
+                        f"(got {cfg.dedup_distance})")
+    for src in cfg.sources:
+        if not os.path.lexists(src):
+            raise PackError(f"input {src!r} does not exist")
+    if cfg.progress:
+        print("smae-pack: listing inputs...", file=sys.stderr, flush=True)
+    enum = enumerate_inputs(list(cfg.sources))
+    items = enum.items
+    batch = batch_size_for(len(items))
+    description = _describe(cfg, items, batch)
+    fingerprint = fingerprint_of(description)
+    cfg.out = Path(cfg.out)
+    state = _prepare_out(cfg, fingerprint, description)
+    if state == "complete":
+        manifest = read_manifest(cfg.out)
+        return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, cfg.out,
+                            cfg.workers, enum.ignored, "already complete")
+
+    work = WorkDir(cfg.out)
+    asm = ShardAssembler(cfg.out, work, cfg.images_per_shard,
+                         NearDuplicateIndex(cfg.dedup_distance, expected=max(len(items), 1)),
+                         work.read_shards())
+    load = _load_payload_or_recompute(work, items, batch, cfg.options, cfg.out)
+    bar = tqdm(total=len(items), unit="img", disable=not cfg.progress, file=sys.stderr,
+               mininterval=0.5, dynamic_ncols=True, desc="smae-pack")
+    try:
+        for b, meta in _batch_results(items, batch, cfg.workers, work, cfg.options, cfg.out):
+            asm.consume(b, meta, load)
+            bar.update(len(meta["items"]))
+            bar.set_postfix(packed=asm.stats.packed, skipped=sum(asm.stats.skipped.values()), refresh=False)
+        shards = asm.finish()
+    except BaseException:
+        asm.abort()
+        raise
+    finally:
+        bar.close()
+    stats = asm.stats.to_json()
+    stats["ignored_files"] = enum.ignored
+    params = dict(description)
+    params["fingerprint"] = fingerprint
+    seconds = time.monotonic() - t0
+    write_manifest(cfg.out, shards, params, {**stats, "seconds": round(seconds, 3)})
+    work.remove()
+    return summary_from(stats, len(shards), seconds, cfg.out, cfg.workers, enum.ignored, state)
+
+
+def write_report(path: Path, doc: dict[str, Any]) -> None:
+    """Write the report JSON (plain write: it is a log, not part of the dataset)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,132 @@
+"""The resumable work directory ``OUT/.smae-pack-work/``.
+
+Contents (every file is written to a temporary name, fsynced and renamed, so a kill at
+any moment leaves either the old state or the new one, never half a file):
+
+- ``fingerprint.json``: hash of the inputs (names, sizes, mtimes) and of every option
+  that changes the output. A rerun with anything different is refused.
+- ``batches/NNN/b-NNNNNNNN.bin``: the encoded records of one batch of inputs, concatenated;
+- ``batches/NNN/b-NNNNNNNN.json``: the batch's outcome per input (reason, sliced, and per
+  record: source, height, width, phash, byte length). Written *after* the payload: the
+  JSON file is the batch's commit point. Payloads are deleted once every record in them
+  sits in a finalized shard; the JSON stays, because deduplication of later records on a
+  rerun needs the hashes of all earlier ones.
+- ``shards.json``: the shards finalized so far, in order (name, count, bytes, digest).
+
+The directory is removed after ``manifest.json`` (the dataset's commit point) is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+WORK_DIR_NAME = ".smae-pack-work"
+BATCHES_PER_SUBDIR = 1000
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8"))
+
+
+def fingerprint_of(doc: dict[str, Any]) -> str:
+    """sha256 of a JSON document in canonical form."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+class WorkDir:
+    """Accessors for the files of one work directory."""
+
+    def __init__(self, out_dir: Path):
+        self.root = out_dir / WORK_DIR_NAME
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    @property
+    def fingerprint_path(self) -> Path:
+        return self.root / "fingerprint.json"
+
+    @property
+    def shards_path(self) -> Path:
+        return self.root / "shards.json"
+
+    def read_fingerprint(self) -> str | None:
+        try:
+            return str(json.loads(self.fingerprint_path.read_text(encoding="utf-8"))["fingerprint"])
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise RuntimeError(f"{self.fingerprint_path} is damaged ({e}); rerun with --restart") from e
+
+    def create(self, fingerprint: str, description: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.fingerprint_path, {"fingerprint": fingerprint, "description": description})
+
+    def _batch_base(self, batch: int) -> Path:
+        return self.root / "batches" / f"{batch // BATCHES_PER_SUBDIR:03d}" / f"b-{batch:08d}"
+
+    def meta_path(self, batch: int) -> Path:
+        return self._batch_base(batch).with_suffix(".json")
+
+    def payload_path(self, batch: int) -> Path:
+        return self._batch_base(batch).with_suffix(".bin")
+
+    def write_batch(self, batch: int, meta: dict[str, Any], payload: bytes) -> None:
+        """Persist one batch: payload first, then the meta file that commits it."""
+        atomic_write_bytes(self.payload_path(batch), payload)
+        atomic_write_json(self.meta_path(batch), meta)
+
+    def read_meta(self, batch: int) -> dict[str, Any] | None:
+        path = self.meta_path(batch)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # Cannot happen through atomic writes; a damaged file (disk trouble, a user
+            # edit) is simply recomputed: the batch is a pure function of its inputs.
+            path.unlink()
+            return None
+
+    def read_payload(self, batch: int) -> bytes:
+        return self.payload_path(batch).read_bytes()
+
+    def drop_payload(self, batch: int) -> None:
+        self.payload_path(batch).unlink(missing_ok=True)
+
+    def read_shards(self) -> list[dict[str, Any]]:
+        """Finalized shards as their manifest entries (plain dicts: this module stays free
+        of the Zarr import so worker processes start fast)."""
+        try:
+            doc = json.loads(self.shards_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RuntimeError(f"{self.shards_path} is damaged ({e}); rerun with --restart") from e
+        return list(doc["shards"])
+
+    def write_shards(self, shards: list[dict[str, Any]]) -> None:
+        atomic_write_json(self.shards_path, {"shards": shards})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=False)
