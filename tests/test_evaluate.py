@@ -1,0 +1,76 @@
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+from selectivemae_ds.evaluate import (build_treecrown_set, fixed_split, knn_accuracy, linear_probe_accuracy,
+                                      list_image_folder, main)
+
+
+@pytest.fixture(scope="module")
+def treecrowns(tmp_path_factory, assets_dir):
+    out = tmp_path_factory.mktemp("treecrowns")
+    counts = build_treecrown_set(assets_dir, out)
+    return out, counts
+
+
+def test_treecrown_set_holds_every_annotated_crown(treecrowns, assets_dir):
+    out, counts = treecrowns
+    annotated = sum(len(list(ET.parse(p).getroot().iter("object"))) for p in assets_dir.glob("*.xml"))
+    assert annotated == 377
+    assert counts["tree"] == annotated
+    # One background square per crown where the scene leaves room: most of them.
+    assert 0.8 * annotated <= counts["background"] <= annotated
+    paths, labels, classes = list_image_folder(out)
+    assert classes == ["background", "tree"]
+    assert np.bincount(labels).tolist() == [counts["background"], counts["tree"]]
+
+
+def test_fixed_split_is_stratified_disjoint_and_repeatable():
+    labels = np.array([0] * 10 + [1] * 30)
+    train, test = fixed_split(labels, 0.3, seed=1)
+    assert set(train).isdisjoint(test) and len(train) + len(test) == 40
+    assert np.bincount(labels[test]).tolist() == [3, 9]
+    again = fixed_split(labels, 0.3, seed=1)
+    assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+    with pytest.raises(ValueError, match="test-fraction"):
+        fixed_split(labels, 1.0, seed=0)
+
+
+def test_knn_votes_by_similarity():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    test_x = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.6, 0.4]])
+    assert knn_accuracy(train_x, train_y, test_x, torch.tensor([0, 1, 0]), k=2) == 1.0
+    # With k = all four points the third sample is still closer to class 0 in summed similarity.
+    assert knn_accuracy(train_x, train_y, test_x, torch.tensor([0, 1, 1]), k=4) == pytest.approx(2 / 3)
+
+
+def test_linear_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    y = (x[:, 3] + 0.5 * x[:, 7] > 0).long()
+    assert linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:]) >= 0.95
+
+
+def test_cli_knn_prints_counts_on_the_real_set(treecrowns, capsys):
+    out, counts = treecrowns
+    rc = main(["knn", "--weights", "random", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+               "--data", str(out)])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    total = counts["tree"] + counts["background"]
+    assert result["n_train"] + result["n_test"] == total
+    assert result["n_test"] == round(counts["tree"] * 0.3) + round(counts["background"] * 0.3)
+    assert result["classes"] == ["background", "tree"]
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["knn", "--weights", "random", "--data", str(tmp_path / "none")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    assert main(["linear", "--weights", "random", "--data", str(tmp_path)]) == 2
+    assert ">= 2 class folders" in capsys.readouterr().err
