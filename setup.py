@@ -35,6 +35,7 @@ setup(
             "smae-pack=data_prep.cli:main",
             "smae-bench=selectivemae_ds.benchmark.cli:main",
             "smae-pretrain=selectivemae_ds.trainer:main",
+            "smae-eval=selectivemae_ds.evaluate:main",
         ],
     },
 )
