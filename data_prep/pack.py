@@ -323,7 +323,7 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
                 yield b, meta
             return
         ctx = multiprocessing.get_context("spawn")  # no fork: Zarr and tqdm run threads here
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker.init_worker,
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker.init_pool_worker,
                                  initargs=(options, str(out))) as pool:
             window: deque[tuple[int, dict[str, Any] | Future[dict[str, Any]]]] = deque()
             next_b = 0

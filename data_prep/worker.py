@@ -9,6 +9,9 @@ which reads the payload from disk (page cache) when it writes the shard.
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,30 @@ def init_worker(options: PackOptions, out_dir: str) -> None:
     """Process initializer: options and the work directory, set once per process."""
     global _STATE
     _STATE = _State(options, WorkDir(Path(out_dir)), ZipCache())
+
+
+def start_orphan_watchdog(interval: float = 0.5) -> None:
+    """Exit this worker when its parent dies.
+
+    A pool worker blocks on its task queue forever once the main process is killed
+    (``kill -9``, OOM killer); without this, every interrupted run would leave N idle
+    processes behind. Whatever the worker was computing is lost harmlessly: batch results
+    are only ever committed by an atomic rename.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="smae-pack-orphan-watchdog", daemon=True).start()
+
+
+def init_pool_worker(options: PackOptions, out_dir: str) -> None:
+    """Initializer of pool processes: :func:`init_worker` plus the orphan watchdog."""
+    init_worker(options, out_dir)
+    start_orphan_watchdog()
 
 
 def _outcome(item: InputItem, preread: bytes | tuple[str, str] | None, state: _State) -> Outcome:
