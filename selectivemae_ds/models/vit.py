@@ -149,7 +149,8 @@ class ViTEncoder(nn.Module):
         attn_layer = FlashSelfAttention if attn_impl == "flash" else Attention
         if attn_impl == "flash":
             require_flash_attn()
-        rates = torch.linspace(0.0, drop_path, depth).tolist()
+        # Linearly increasing stochastic depth (in Python: also works on the meta device).
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         # timm's defaults for vit_*_patch16_224: qkv bias, mlp ratio 4, GELU, LayerNorm eps 1e-6.
         self.blocks = nn.Sequential(
             *[
