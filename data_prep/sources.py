@@ -319,10 +319,13 @@ class TarReader:
                 self._tf = tarfile.open(item.path, mode="r:*", encoding="utf-8", errors="surrogateescape")
                 self._path = item.path
                 self._members = {}
-                # getmembers() would raise on a truncated archive; the members before the
-                # damage were enumerated the same way, so collect them by hand.
+                # getmembers() would raise on a truncated archive; enumeration kept the
+                # members before the damage, so collect those by hand and stop there.
                 while True:
-                    info = self._tf.next()
+                    try:
+                        info = self._tf.next()
+                    except (tarfile.TarError, OSError, EOFError, zlib.error):
+                        break
                     if info is None:
                         break
                     self._members[info.name] = info
