@@ -36,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 COMPLETE = "COMPLETE"
 CLIENT_STATE = "client_state.json"
@@ -166,7 +171,11 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
             # A leftover of an interrupted write of the same step (a rollback re-reaches it).
             shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"smae": client_state})
+    # universal_checkpoint_info declares the checkpoint convertible by ds_to_universal; the
+    # model is pure data parallel (no tensor/pipeline slicing), so the version key is all it needs.
+    ds_client_state = {"smae": client_state,
+                       UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=ds_client_state)
     if rank == 0:
         _atomic_write(tag_dir / CLIENT_STATE, json.dumps(client_state, indent=1))
     # Every rank's shard is on disk before the marker exists.
