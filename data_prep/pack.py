@@ -324,7 +324,7 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
             return
         ctx = multiprocessing.get_context("spawn")  # no fork: Zarr and tqdm run threads here
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker.init_pool_worker,
-                                 initargs=(options, str(out))) as pool:
+                                 initargs=(options, str(out), os.getpid())) as pool:
             window: deque[tuple[int, dict[str, Any] | Future[dict[str, Any]]]] = deque()
             next_b = 0
             try:

@@ -37,15 +37,16 @@ def init_worker(options: PackOptions, out_dir: str) -> None:
     _STATE = _State(options, WorkDir(Path(out_dir)), ZipCache())
 
 
-def start_orphan_watchdog(interval: float = 0.5) -> None:
+def start_orphan_watchdog(parent: int, interval: float = 0.5) -> None:
     """Exit this worker when its parent dies.
 
     A pool worker blocks on its task queue forever once the main process is killed
     (``kill -9``, OOM killer); without this, every interrupted run would leave N idle
     processes behind. Whatever the worker was computing is lost harmlessly: batch results
-    are only ever committed by an atomic rename.
+    are only ever committed by an atomic rename. ``parent`` is passed in rather than read
+    here: a parent killed while this process was still importing would otherwise already
+    have been replaced by init as the parent, and the watchdog would never fire.
     """
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -55,10 +56,10 @@ def start_orphan_watchdog(interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="smae-pack-orphan-watchdog", daemon=True).start()
 
 
-def init_pool_worker(options: PackOptions, out_dir: str) -> None:
+def init_pool_worker(options: PackOptions, out_dir: str, parent: int) -> None:
     """Initializer of pool processes: :func:`init_worker` plus the orphan watchdog."""
     init_worker(options, out_dir)
-    start_orphan_watchdog()
+    start_orphan_watchdog(parent)
 
 
 def _outcome(item: InputItem, preread: bytes | tuple[str, str] | None, state: _State) -> Outcome:
