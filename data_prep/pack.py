@@ -138,7 +138,8 @@ class ShardAssembler:
         self._writer: ShardWriter | None = None
         self._with_payload: list[int] = []
 
-    def consume(self, batch: int, meta: dict[str, Any], load_payload: Callable[[int], bytes]) -> None:
+    def consume(self, batch: int, meta: dict[str, Any],
+                load_payload: Callable[[int, dict[str, Any]], bytes]) -> None:
         payload: bytes | None = None
         offset = 0
         st = self.stats
@@ -159,7 +160,7 @@ class ShardAssembler:
                 if index // self.per_shard < len(self.done):
                     continue  # its shard is finalized already (resumed run)
                 if payload is None:
-                    payload = load_payload(batch)
+                    payload = load_payload(batch, meta)
                 if self._writer is None:
                     self._writer = ShardWriter(self.out, shard_name(index // self.per_shard))
                 self._writer.add(payload[start:offset], height, width, phash, source)
@@ -352,13 +353,14 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
 
 
 def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int,
-                               options: PackOptions, out: Path) -> Callable[[int], bytes]:
-    def load(b: int) -> bytes:
+                               options: PackOptions, out: Path) -> Callable[[int, dict[str, Any]], bytes]:
+    def load(b: int, meta: dict[str, Any]) -> bytes:
         try:
-            return work.read_payload(b)
+            return work.read_payload(b, meta)
         except FileNotFoundError:
-            # Only reachable when someone deleted work files by hand: the batch is a
-            # pure function of its inputs, so recompute it rather than fail.
+            # Reachable after a power cut (batch files are not fsynced) or when work
+            # files were deleted by hand: the batch is a pure function of its inputs, so
+            # it is recomputed rather than failing the run.
             worker.init_worker(options, str(out))
             chunk = items[b * batch:(b + 1) * batch]
             tars = TarReader()
@@ -366,8 +368,11 @@ def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int
                 pre = _preread_tar(tars, chunk)
             finally:
                 tars.close()
-            worker.process_batch(b, chunk, pre)
-            return work.read_payload(b)
+            fresh = worker.process_batch(b, chunk, pre)
+            if fresh["items"] != meta["items"]:
+                raise PackError(f"batch {b} recomputed differently from its committed result: "
+                                "inputs changed during the run; rerun with --restart")
+            return work.read_payload(b, fresh)
     return load
 
 

@@ -7,7 +7,8 @@ any moment leaves either the old state or the new one, never half a file):
   that changes the output. A rerun with anything different is refused.
 - ``batches/NNN/b-NNNNNNNN.bin``: the encoded records of one batch of inputs, concatenated;
 - ``batches/NNN/b-NNNNNNNN.json``: the batch's outcome per input (reason, sliced, and per
-  record: source, height, width, phash, byte length). Written *after* the payload: the
+  record: source, height, width, phash, byte length) and the payload's length and crc32.
+  Written *after* the payload: the
   JSON file is the batch's commit point. Payloads are deleted once every record in them
   sits in a finalized shard; the JSON stays, because deduplication of later records on a
   rerun needs the hashes of all earlier ones.
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +31,30 @@ WORK_DIR_NAME = ".smae-pack-work"
 BATCHES_PER_SUBDIR = 1000
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    ``durable`` adds an fsync before the rename (survives power loss, not just a killed
+    process). Batch files skip it: they are recomputable and carry their own checksum, and
+    one fsync per batch cost ~20% of packing time on the benchmark machine.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8"))
+def atomic_write_json(path: Path, doc: Any, durable: bool = True) -> None:
+    data = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+    atomic_write_bytes(path, data, durable)
 
 
 def fingerprint_of(doc: dict[str, Any]) -> str:
@@ -92,9 +101,14 @@ class WorkDir:
         return self._batch_base(batch).with_suffix(".bin")
 
     def write_batch(self, batch: int, meta: dict[str, Any], payload: bytes) -> None:
-        """Persist one batch: payload first, then the meta file that commits it."""
-        atomic_write_bytes(self.payload_path(batch), payload)
-        atomic_write_json(self.meta_path(batch), meta)
+        """Persist one batch: payload first, then the meta file that commits it.
+
+        The meta records the payload's length and crc32, checked by :meth:`read_payload`:
+        without fsync a power cut could leave a committed meta beside a payload of zeros.
+        """
+        meta["payload"] = {"bytes": len(payload), "crc32": zlib.crc32(payload)}
+        atomic_write_bytes(self.payload_path(batch), payload, durable=False)
+        atomic_write_json(self.meta_path(batch), meta, durable=False)
 
     def read_meta(self, batch: int) -> dict[str, Any] | None:
         path = self.meta_path(batch)
@@ -108,8 +122,13 @@ class WorkDir:
             path.unlink()
             return None
 
-    def read_payload(self, batch: int) -> bytes:
-        return self.payload_path(batch).read_bytes()
+    def read_payload(self, batch: int, meta: dict[str, Any]) -> bytes:
+        """The batch's payload; FileNotFoundError when it is missing or fails its check."""
+        data = self.payload_path(batch).read_bytes()
+        want = meta["payload"]
+        if len(data) != want["bytes"] or zlib.crc32(data) != want["crc32"]:
+            raise FileNotFoundError(f"{self.payload_path(batch)} does not match its meta")
+        return data
 
     def drop_payload(self, batch: int) -> None:
         self.payload_path(batch).unlink(missing_ok=True)
