@@ -234,8 +234,8 @@ def _clear_ours(out: Path) -> None:
 
 
 def _prepare_out(cfg: PackConfig, fingerprint: str, description: dict[str, Any]) -> str:
-    """Bring ``out`` into a state this run can continue from; return "fresh", "resume"
-    or "complete"."""
+    """Bring ``out`` into a state this run can continue from; return "fresh run",
+    "resumed run" or "complete"."""
     out = cfg.out
     work = WorkDir(out)
     if out.exists() and not out.is_dir():
@@ -282,7 +282,7 @@ def _prepare_out(cfg: PackConfig, fingerprint: str, description: dict[str, Any])
     for p in sorted(out.iterdir()):
         if _SHARD_DIR.fullmatch(p.name) and p.name not in kept_names:
             _remove(p)  # renamed into place but never logged: rewritten below
-    return "resume" if resumed else "fresh"
+    return "resumed run" if resumed else "fresh run"
 
 
 def _preread_tar(tars: TarReader, chunk: list[InputItem]) -> dict[int, bytes | tuple[str, str]]:
@@ -395,7 +395,7 @@ def summary_from(stats: dict[str, Any], shards: int, seconds: float, out: Path, 
 def format_summary(doc: dict[str, Any]) -> str:
     skipped = ", ".join(f"{k}={v}" for k, v in doc["skipped"].items() if v) or "none"
     return (f"smae-pack: packed {doc['packed']} records from {doc['inputs']} inputs into {doc['shards']} shard(s) "
-            f"in {doc['seconds']:.1f} s ({doc['run']} run, {doc['workers']} worker(s))\n"
+            f"in {doc['seconds']:.1f} s ({doc['run']}, {doc['workers']} worker(s))\n"
             f"  sliced inputs: {doc['sliced']}, JPEG passed through: {doc['passthrough']}\n"
             f"  skipped: {skipped}\n"
             f"  ignored (not an image or archive name): {doc['ignored_files']} file(s)\n"
@@ -427,7 +427,7 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     if state == "complete":
         manifest = read_manifest(cfg.out)
         return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, cfg.out,
-                            cfg.workers, enum.ignored, "already complete")
+                            cfg.workers, enum.ignored, "already complete, nothing to do")
 
     work = WorkDir(cfg.out)
     asm = ShardAssembler(cfg.out, work, cfg.images_per_shard,

@@ -26,7 +26,6 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 IMAGE_EXTENSIONS: frozenset[bytes] = frozenset(
     {b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".tif", b".tiff", b".bmp", b".webp", b".gif"}
@@ -377,9 +376,3 @@ def describe_sources(sources: list[str | os.PathLike[str]]) -> list[str]:
     """Absolute SRC paths as text, for the fingerprint and the manifest."""
     return [safe_name(os.fsencode(Path(s).resolve())) for s in sources]
 
-
-def iter_reasons(items: list[InputItem]) -> Iterator[tuple[int, InputItem]]:
-    """(position, item) for items whose skip reason is known at enumeration time."""
-    for i, item in enumerate(items):
-        if item.reason is not None:
-            yield i, item

@@ -272,7 +272,7 @@ def test_rerun_is_idempotent_and_option_change_is_refused(tmp_path: Path, assets
     first = run_pack([assets_dir], out)
     before = records(out)
     again = run_pack([assets_dir], out)
-    assert again["run"] == "already complete" and again["packed"] == first["packed"]
+    assert again["run"].startswith("already complete") and again["packed"] == first["packed"]
     assert records(out) == before
     with pytest.raises(PackError, match="--restart"):
         run_pack([assets_dir], out, images_per_shard=5)
