@@ -253,6 +253,8 @@ class Trainer:
         img_s = cfg.train.global_batch * window_steps / max(window_t, 1e-9)
         progress = progress_at(self.step - 1, self.total)
         grad_norm = self.engine.get_global_grad_norm()
+        # inf after a skipped step: logged as null so the JSONL stays strict JSON.
+        grad_norm = float(grad_norm) if grad_norm is not None and np.isfinite(float(grad_norm)) else None
         self.metrics.log({
             "step": self.step,
             "total_steps": self.total,
@@ -262,7 +264,7 @@ class Trainer:
             "lr": lr_at(self.step - 1, peak=self.peak, warmup_steps=cfg.optim.warmup_steps,
                         total_steps=self.total, min_lr=cfg.optim.min_lr),
             # Host value already (DeepSpeed computed it for clipping); None before the first update.
-            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "grad_norm": grad_norm,
             "img_per_s": img_s,
             "img_per_s_per_rank": img_s / self.world,
             "data_wait": window_wait / max(window_t, 1e-9),
