@@ -35,8 +35,8 @@ def build_dataset(out_dir: str | Path, assets_dir: str | Path, *, count: int = 4
     """Write ``count`` real JPEG crops into ``shards`` shards under ``out_dir``.
 
     Crop k comes from image ``k % len(images)`` with a random box of height and width
-    drawn independently in [min_side, max_side] (so aspect ratios vary, which exercises
-    RandomResizedCrop's fallback path). Records listed in ``junk`` are written as bytes
+    drawn independently in [min_side, max_side], both capped by the image's size (so
+    aspect ratios vary, which exercises RandomResizedCrop's fallback path). Records listed in ``junk`` are written as bytes
     that are not an image but carry a valid crc32: they pass the reader's checksum and
     must be caught by the pipeline's own header check.
 
@@ -52,8 +52,9 @@ def build_dataset(out_dir: str | Path, assets_dir: str | Path, *, count: int = 4
         writer = ShardWriter(out, shard_name(s))
         for _ in range(min(per_shard, count - k)):
             img = images[k % len(images)]
-            h = int(rng.integers(min_side, min(max_side, img.height) + 1))
-            w = int(rng.integers(min_side, min(max_side, img.width) + 1))
+            # Both bounds are capped by the image, so small sources give their full size.
+            h = int(rng.integers(min(min_side, img.height), min(max_side, img.height) + 1))
+            w = int(rng.integers(min(min_side, img.width), min(max_side, img.width) + 1))
             y = int(rng.integers(0, img.height - h + 1))
             x = int(rng.integers(0, img.width - w + 1))
             if k in junk:
