@@ -8,6 +8,7 @@ Modules, one responsibility each:
 - :mod:`data_prep.phash`    64-bit DCT perceptual hash (numpy only);
 - :mod:`data_prep.dedup`    first-occurrence near-duplicate filter (multi-index band index);
 - :mod:`data_prep.work`     the resumable work directory (fingerprint, batch results, shard log);
+- :mod:`data_prep.worker`   one batch of inputs -> records, run in worker processes;
 - :mod:`data_prep.pack`     orchestration: parallel ordered processing, dedup, shard writing;
 - :mod:`data_prep.verify`   ``smae-pack verify``: check a packed directory record by record;
 - :mod:`data_prep.cli`      argument parsing and the console entry point.
