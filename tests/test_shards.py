@@ -1,0 +1,75 @@
+"""The shard format's reader: the direct heap path against zarr, and damaged files."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from selectivemae_ds.data import shards
+from selectivemae_ds.data.shards import ShardedDataset, ShardFormatError, ShardWriter, shard_name, write_manifest
+
+
+@pytest.fixture
+def multi_file_dataset(tmp_path, monkeypatch):
+    """Records straddling inner chunks and outer shard files, and one all-zero chunk."""
+    monkeypatch.setattr(shards, "HEAP_SHARD_BYTES", 4 * shards.HEAP_CHUNK_BYTES)
+    rng = np.random.default_rng(0)
+    sizes = [300_000, 5, 262_144, 700_000, 17, 1_000_000, 123_456]
+    records = [rng.integers(1, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    records.append(bytes(3 * shards.HEAP_CHUNK_BYTES))  # whole chunks of fill value: zarr writes none
+    w = ShardWriter(tmp_path, shard_name(0))
+    for k, data in enumerate(records):
+        w.add(data, 1, 1, k, f"r{k}")
+    write_manifest(tmp_path, [w.finalize()], {}, {})
+    return tmp_path, records
+
+
+def test_direct_reads_equal_zarr_reads(multi_file_dataset):
+    root, records = multi_file_dataset
+    ds = ShardedDataset(root)
+    sh = ds.shard(0)
+    assert sh.direct is not None and sh.direct.per_shard == 4
+    assert len(os.listdir(root / shard_name(0) / "bytes" / "c")) > 2  # several outer files
+    for i, data in enumerate(records):
+        assert ds.read(i) == data
+        a, b = int(sh.offsets[i]), int(sh.offsets[i + 1])
+        assert sh.heap[a:b].tobytes() == data
+
+
+def test_damaged_chunk_index_is_refused(multi_file_dataset):
+    root, _records = multi_file_dataset
+    heap_file = root / shard_name(0) / "bytes" / "c" / "0"
+    raw = bytearray(heap_file.read_bytes())
+    raw[-10] ^= 0xFF
+    heap_file.write_bytes(bytes(raw))
+    with pytest.raises(ShardFormatError, match=r"shard-00000.zarr: heap file c/0 has a damaged chunk index"):
+        ShardedDataset(root).read(0)
+
+
+def test_unexpected_heap_metadata_falls_back_to_zarr(multi_file_dataset):
+    root, records = multi_file_dataset
+    meta_path = root / shard_name(0) / "bytes" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    # Still a valid array for zarr, but not byte-for-byte what this writer produces.
+    meta["codecs"][0]["configuration"]["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    meta_path.write_text(json.dumps(meta))
+    ds = ShardedDataset(root)
+    assert ds.shard(0).direct is None
+    assert ds.read(3) == records[3]
+
+
+def test_unknown_schema_and_bad_offsets_are_refused(multi_file_dataset):
+    root, _records = multi_file_dataset
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "schema": 2}))
+    with pytest.raises(ShardFormatError, match="unknown schema 2"):
+        ShardedDataset(root)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    import zarr
+
+    offsets = zarr.open_array(str(root / shard_name(0) / "offsets"), mode="r+")
+    values = offsets[:]
+    values[2], values[3] = values[3], values[2]
+    offsets[:] = values
+    with pytest.raises(ShardFormatError, match="index digest does not match"):
+        ShardedDataset(root).read(0)
