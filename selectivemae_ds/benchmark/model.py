@@ -1,0 +1,212 @@
+"""`smae-bench model`: fwd+bwd+AdamW steps of one model on synthetic images.
+
+Prints one JSON line: method, size, batch, img_per_s, flops_per_img, plus the
+step time, the time of the token selection alone (HOG + PSTS, or the random
+masking of the baselines) and its share of the step, and achieved TFLOP/s.
+Synthetic images exclude the input pipeline: this measures the model only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
+from selectivemae_ds.models.config import METHODS
+from selectivemae_ds.models.selective_mae import PretrainModel
+from selectivemae_ds.models.token_selection import hog_patch_scores, psts_select, random_select
+
+BENCH_SIZES = ("tiny", "small", "base", "large", "huge")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (host sync on purpose: we are timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast when asked (the caller's choice, as in training); nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def select_only(model: PretrainModel, imgs: torch.Tensor, patches: torch.Tensor, progress: float) -> None:
+    """The token selection of one step, as `PretrainModel.select` runs it.
+
+    imgs: (B, 3, H, W); patches: (B, N, D) patch embeddings, computed outside
+    the timing because every method embeds the patches anyway.
+    """
+    if model.method == "selectivemae":
+        scores = hog_patch_scores(imgs, model.patch_size, model.masking_cfg.hog_bins)
+        psts_select(scores, patches, progress, model.masking_cfg)
+    else:
+        random_select(imgs.shape[0], model.num_patches, model.num_visible, model.num_targets, imgs.device)
+
+
+def timed(fn: Any, iters: int, device: torch.device) -> float:
+    """Seconds per call of fn() over `iters` calls."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+class ModelBench:
+    """One model, optimizer and synthetic batch, ready to time steps and selection.
+
+    Kept as an object so a driver can interleave several methods in rounds
+    (bench/model.py does, to spread a shared machine's noise evenly).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        size: str,
+        batch: int,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        img_size: int = 224,
+        progress: float = 0.5,
+        attn_impl: str = "sdpa",
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.progress = progress
+        torch.manual_seed(seed)
+        model_cfg = ModelConfig(method=method, size=size, img_size=img_size, attn_impl=attn_impl)
+        self.model = build_model(model_cfg, MaskingConfig()).to(self.device)
+        self.model.train()
+        # Fused AdamW on CUDA: one kernel for all parameters.
+        self.optim = torch.optim.AdamW(
+            self.model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=self.device.type == "cuda"
+        )
+        self.imgs = torch.randn(batch, 3, img_size, img_size, device=self.device)
+        with autocast_ctx(self.device, dtype), torch.no_grad():
+            self.patches = self.model.encoder.embed_patches(self.imgs)
+        self.meta = {"method": method, "size": size, "img_size": img_size, "batch": batch, "device": device}
+
+    def step(self) -> None:
+        """One training step: forward under the chosen autocast, backward, AdamW."""
+        self.optim.zero_grad(set_to_none=True)
+        with autocast_ctx(self.device, self.dtype):
+            out = self.model(self.imgs, self.progress)
+        out.loss.backward()
+        self.optim.step()
+
+    def select(self) -> None:
+        """The token selection alone (HOG + PSTS, or random masking)."""
+        with autocast_ctx(self.device, self.dtype), torch.no_grad():
+            select_only(self.model, self.imgs, self.patches, self.progress)
+
+    def time_steps(self, steps: int) -> float:
+        """Seconds per training step over `steps` steps."""
+        return timed(self.step, steps, self.device)
+
+    def time_select(self, steps: int) -> float:
+        """Seconds per selection over `steps` calls."""
+        return timed(self.select, steps, self.device)
+
+    def record(self, step_s: float, select_s: float, steps: int) -> dict[str, Any]:
+        """The JSON record for measured step and selection times."""
+        batch = self.imgs.shape[0]
+        flops = self.model.flops_per_image()
+        return {
+            **self.meta,
+            "steps": steps,
+            "dtype": self.dtype,
+            "img_per_s": round(batch / step_s, 3),
+            "step_ms": round(step_s * 1e3, 2),
+            "select_ms": round(select_s * 1e3, 3),
+            "select_share": round(select_s / step_s, 4),
+            "flops_per_img": flops,
+            "achieved_tflops": round(flops * batch / step_s / 1e12, 4),
+            "visible": self.model.num_visible,
+            "targets": self.model.num_targets,
+            "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
+            "torch": torch.__version__,
+        }
+
+
+def run_benchmark(
+    method: str,
+    size: str,
+    batch: int,
+    steps: int,
+    warmup: int = 2,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    img_size: int = 224,
+    progress: float = 0.5,
+    attn_impl: str = "sdpa",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time `steps` training steps (after `warmup`) and the selection alone; return the record."""
+    bench = ModelBench(method, size, batch, device, dtype, img_size, progress, attn_impl, seed)
+    for _ in range(warmup):
+        bench.step()
+    step_s = bench.time_steps(steps)
+    bench.select()
+    select_s = bench.time_select(steps)
+    return bench.record(step_s, select_s, steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smae-bench model",
+        description="fwd+bwd+AdamW steps on synthetic images; prints one JSON line.",
+    )
+    parser.add_argument("--method", choices=METHODS, default="selectivemae", help="pretraining method")
+    parser.add_argument("--size", choices=BENCH_SIZES, default="base", help="encoder size")
+    parser.add_argument("--batch", type=int, default=32, help="images per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="device (default: cuda if available)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp32, or bf16 autocast")
+    parser.add_argument("--img-size", type=int, default=224, help="square image side in pixels")
+    parser.add_argument(
+        "--progress", type=float, default=0.5, help="training progress in [0, 1] (PSTS stage; 0.5 = far)"
+    )
+    parser.add_argument("--attn-impl", choices=("sdpa", "flash"), default="sdpa", help="attention kernel")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("smae-bench model: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        print("smae-bench model: --batch and --steps must be >= 1, --warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        record = run_benchmark(
+            args.method,
+            args.size,
+            args.batch,
+            args.steps,
+            warmup=args.warmup,
+            device=device,
+            dtype=args.dtype,
+            img_size=args.img_size,
+            progress=args.progress,
+            attn_impl=args.attn_impl,
+            seed=args.seed,
+        )
+    except (ValueError, ImportError) as err:
+        print(f"smae-bench model: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(record), flush=True)
+    return 0
