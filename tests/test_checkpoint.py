@@ -1,0 +1,224 @@
+"""Checkpoints: completeness marker, keep-last-k, compatibility, and exact resume through the launcher.
+
+The multi-rank tests run ``deepspeed --num_gpus 2 launcher/pretrain.py`` with the CPU
+accelerator (gloo) on a tiny packed dataset: ViT-tiny, 64 px, 4 steps of 8 images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selectivemae_ds import checkpoint
+from tests.shard_fixtures import build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEMO = REPO / "configs" / "demo.toml"
+
+
+# ---------------------------------------------------------------- unit tests (no engine)
+
+def make_tag(root: Path, step: int, *, complete: bool, world_size: int = 2, config: dict | None = None) -> Path:
+    tag = root / checkpoint.tag_for(step)
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    state = {"step": step, "world_size": world_size, "config": config or {"model": {"size": "tiny"}}}
+    (tag / checkpoint.CLIENT_STATE).write_text(json.dumps(state))
+    if complete:
+        (tag / checkpoint.COMPLETE).write_text(f"{step}\n")
+    return tag
+
+
+def test_interrupted_write_is_never_picked(tmp_path: Path) -> None:
+    make_tag(tmp_path, 2, complete=True)
+    make_tag(tmp_path, 4, complete=False)  # the write of step 4 was interrupted
+    (tmp_path / "latest").write_text("step_00000004")  # DeepSpeed's pointer is not trusted
+    assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_00000002"
+    target = checkpoint.resolve_resume("auto", tmp_path, {"model": {"size": "tiny"}}, world_size=2)
+    assert target is not None and target.tag_dir.name == "step_00000002"
+    with pytest.raises(ValueError, match="step_00000004 is incomplete"):
+        checkpoint.resolve_resume(str(tmp_path / "step_00000004"), tmp_path, {"model": {"size": "tiny"}}, 2)
+    assert checkpoint.resolve_resume("auto", tmp_path / "none", {}, 2) is None
+
+
+def test_keep_last_k(tmp_path: Path) -> None:
+    for s in (1, 2, 3, 4):
+        make_tag(tmp_path, s, complete=True)
+    make_tag(tmp_path, 0, complete=False)
+    make_tag(tmp_path, 5, complete=False)  # may still be being written: newer than the newest complete
+    checkpoint.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004", "step_00000005"]
+
+
+def test_incompatible_config_is_refused_naming_the_key(tmp_path: Path) -> None:
+    saved = {"model": {"method": "selectivemae", "size": "tiny", "img_size": 64}, "train": {"global_batch": 8}}
+    make_tag(tmp_path, 2, complete=True, config=saved)
+    current = json.loads(json.dumps(saved))
+    current["model"]["size"] = "small"
+    with pytest.raises(ValueError, match="model.size: the checkpoint .*step_00000002 was trained with 'tiny', "
+                                         "this config has 'small'"):
+        checkpoint.resolve_resume("auto", tmp_path, current, world_size=2)
+    current = json.loads(json.dumps(saved))
+    current["train"]["global_batch"] = 16
+    with pytest.raises(ValueError, match="train.global_batch: .* with 8, this config has 16"):
+        checkpoint.resolve_resume("auto", tmp_path, current, world_size=2)
+
+
+def test_other_world_size_needs_universal_conversion(tmp_path: Path) -> None:
+    make_tag(tmp_path, 2, complete=True, world_size=2)
+    with pytest.raises(ValueError, match="saved by 2 ranks and this run has 1; convert it first: "
+                                         "python -m selectivemae_ds.checkpoint to-universal"):
+        checkpoint.resolve_resume("auto", tmp_path, {"model": {"size": "tiny"}}, world_size=1)
+
+
+# ---------------------------------------------------------------- through the launcher
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("ds") / "data", REPO / "assets" / "neon", count=40, shards=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """4 steps of the demo model at lr 1e-3 (large enough that every step moves the weights)."""
+    args = ["--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / ds_json),
+            "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", "--set", "train.steps=4",
+            "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3",
+            "--set", "train.picture_every=2", *extra]
+    if ranks == 1:
+        cmd = [str(BIN / "smae-pretrain"), *args]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               str(REPO / "launcher" / "pretrain.py"), *args]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    """step -> metrics record (the last one for a step)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "event" not in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path):
+    """The 4-step straight run per DeepSpeed JSON, launched once and shared by the tests of this module."""
+    runs: dict[str, Path] = {}
+
+    def get(ds_json: str) -> Path:
+        if ds_json not in runs:
+            run = tmp_path_factory.mktemp("straight") / ds_json.removesuffix(".json")
+            pretrain(run, dataset, ds_json)
+            runs[ds_json] = run
+        return runs[ds_json]
+
+    return get
+
+
+def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("ds_json, resume", [("zero2.json", "path"), ("zero3.json", "auto")])
+def test_resume_equals_straight_run(tmp_path: Path, dataset: Path, straight_run, ds_json: str, resume: str) -> None:
+    """ZeRO-2 resumes from a named tag; ZeRO-3 with --resume auto from a run_dir whose
+    newest tag is an interrupted write (its shards are there, COMPLETE is not)."""
+    straight, resumed = straight_run(ds_json), tmp_path / "resumed"
+    mid = straight / "checkpoints" / "step_00000002"
+    assert checkpoint.is_complete(mid)
+    if resume == "auto":
+        ckpts = resumed / "checkpoints"
+        ckpts.mkdir(parents=True)
+        shutil.copytree(mid, ckpts / mid.name)
+        interrupted = shutil.copytree(straight / "checkpoints" / "step_00000004", ckpts / "step_00000003")
+        (interrupted / checkpoint.COMPLETE).unlink()
+        r = pretrain(resumed, dataset, ds_json, "--resume", "auto")
+        assert f"from={ckpts / mid.name}" in r.stdout
+    else:
+        r = pretrain(resumed, dataset, ds_json, "--resume", str(mid))
+    assert "[resume] step=2" in r.stdout
+    a, b = logged(straight), logged(resumed)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step]["samples_seen"] == a[step]["samples_seen"] == 8 * step
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7)
+    assert a[1]["loss"] != a[4]["loss"]
+    wa = fp32_weights(straight / "checkpoints" / "step_00000004")
+    wb = fp32_weights(resumed / "checkpoints" / "step_00000004")
+    assert_same_weights(wa, wb)
+    # The steps really moved the weights (else equality would prove nothing).
+    w_mid = fp32_weights(mid)
+    assert any(not torch.equal(w_mid[k], wa[k]) for k in wa)
+    assert list((straight / "tensorboard").iterdir())
+
+
+def test_two_ranks_to_one_through_universal_checkpoint(tmp_path: Path, dataset: Path, straight_run) -> None:
+    two = straight_run("zero2.json")
+    mid = two / "checkpoints" / "step_00000002"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    subprocess.run([sys.executable, "-m", "selectivemae_ds.checkpoint", "to-universal", str(mid)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    universal = mid.with_name(mid.name + "_universal")
+    assert checkpoint.newest_complete(mid.parent) == two / "checkpoints" / "step_00000004"  # auto skips universal tags
+    assert checkpoint.is_complete(universal) and (universal / "zero").is_dir()
+    one = tmp_path / "one"
+    r = pretrain(one, dataset, "zero2.json", "--resume", str(universal), ranks=1)
+    assert "universal=True world_size=1" in r.stdout
+    a, b = logged(two), logged(one)
+    assert sorted(b) == [3, 4] and b[4]["samples_seen"] == 32
+    # Step 3's loss is computed with the loaded weights on the same global batch, split
+    # differently over ranks: equal up to float reduction order.
+    assert b[3]["loss"] == pytest.approx(a[3]["loss"], rel=1e-3)
+    assert checkpoint.is_complete(one / "checkpoints" / "step_00000004")
+
+
+def test_nonfinite_steps_are_skipped_then_rollback_then_stop(tmp_path: Path, dataset: Path) -> None:
+    """NaN injected at steps (0-based) 1, 3, 4, 5 with K = 2: step 1 is skipped and counted,
+    the pair 3+4 triggers one rollback to the step-4 checkpoint, the repeat at 4+5 stops the run."""
+    run = tmp_path / "nan"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    cmd = [str(BIN / "smae-pretrain"), "--config", str(DEMO), "--deepspeed_config",
+           str(REPO / "ds_configs" / "cpu_smoke.json"), "--set", f"data.path={dataset}", "--set", f"run_dir={run}",
+           "--set", "train.steps=6", "--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep=10",
+           "--set", "train.nonfinite_at=[1,3,4,5]", "--set", "train.max_nonfinite=2", "--set", "optim.lr=1e-3",
+           "--set", "train.picture_every=0"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode != 0
+    assert "2 consecutive non-finite steps (train.max_nonfinite = 2) at step 6 after a rollback" in r.stderr
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [e for e in events if e.get("event") == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["step"] == 4 and rollbacks[0]["from_step"] == 5
+    counts = [e["nonfinite_steps"] for e in events if "event" not in e]
+    assert counts[:3] == [0, 1, 1]
+    # The skipped step left the weights untouched; a good step changed them.
+    ck = run / "checkpoints"
+    w1, w2, w3 = (fp32_weights(ck / checkpoint.tag_for(s)) for s in (1, 2, 3))
+    assert_same_weights(w1, w2)
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
