@@ -51,14 +51,18 @@ def select_only(model: PretrainModel, imgs: torch.Tensor, patches: torch.Tensor,
         random_select(imgs.shape[0], model.num_patches, model.num_visible, model.num_targets, imgs.device)
 
 
-def timed(fn: Any, iters: int, device: torch.device) -> float:
-    """Seconds per call of fn() over `iters` calls."""
+def timed(fn: Any, iters: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call of fn() over `iters` calls.
+
+    CPU time sums all threads of this process; on a CPU shared with other jobs
+    it moves far less than wall time, so it is the steadier CPU-side number.
+    """
     sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / iters, (time.process_time() - start_cpu) / iters
 
 
 class ModelBench:
@@ -109,16 +113,18 @@ class ModelBench:
         with autocast_ctx(self.device, self.dtype), torch.no_grad():
             select_only(self.model, self.imgs, self.patches, self.progress)
 
-    def time_steps(self, steps: int) -> float:
-        """Seconds per training step over `steps` steps."""
+    def time_steps(self, steps: int) -> tuple[float, float]:
+        """(wall, CPU) seconds per training step over `steps` steps."""
         return timed(self.step, steps, self.device)
 
-    def time_select(self, steps: int) -> float:
-        """Seconds per selection over `steps` calls."""
+    def time_select(self, steps: int) -> tuple[float, float]:
+        """(wall, CPU) seconds per selection over `steps` calls."""
         return timed(self.select, steps, self.device)
 
-    def record(self, step_s: float, select_s: float, steps: int) -> dict[str, Any]:
-        """The JSON record for measured step and selection times."""
+    def record(
+        self, step_s: float, select_s: float, steps: int, step_cpu_s: float, select_cpu_s: float
+    ) -> dict[str, Any]:
+        """The JSON record for measured step and selection times (wall and process CPU)."""
         batch = self.imgs.shape[0]
         flops = self.model.flops_per_image()
         return {
@@ -129,6 +135,8 @@ class ModelBench:
             "step_ms": round(step_s * 1e3, 2),
             "select_ms": round(select_s * 1e3, 3),
             "select_share": round(select_s / step_s, 4),
+            "cpu_ms_per_img": round(step_cpu_s / batch * 1e3, 2),
+            "select_cpu_share": round(select_cpu_s / step_cpu_s, 4),
             "flops_per_img": flops,
             "achieved_tflops": round(flops * batch / step_s / 1e12, 4),
             "visible": self.model.num_visible,
@@ -155,10 +163,10 @@ def run_benchmark(
     bench = ModelBench(method, size, batch, device, dtype, img_size, progress, attn_impl, seed)
     for _ in range(warmup):
         bench.step()
-    step_s = bench.time_steps(steps)
+    step_s, step_cpu_s = bench.time_steps(steps)
     bench.select()
-    select_s = bench.time_select(steps)
-    return bench.record(step_s, select_s, steps)
+    select_s, select_cpu_s = bench.time_select(steps)
+    return bench.record(step_s, select_s, steps, step_cpu_s, select_cpu_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
