@@ -69,7 +69,7 @@ class MetricsWriter:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key not in ("step", "total_steps") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 if math.isfinite(float(value)):
                     self.tb.add_scalar(f"train/{key}", value, step)
         self.tb.flush()
@@ -140,4 +140,5 @@ def reconstruction_grid(imgs: Tensor, details: dict[str, Tensor], patch: int, ma
     panels = [imgs] + [unpatchify(p, patch, g, g) for p in (visible, targets, recon)]
     rows = torch.cat(panels, dim=3)  # (B, 3, S, 4S)
     grid = torch.cat(list(rows), dim=1)  # (3, B*S, 4S)
+    # HOST SYNC: picture steps only.
     return (grid * std[0] + mean[0]).clamp(0.0, 1.0).cpu()

@@ -105,9 +105,16 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.rolled_back = False
+        self.finished = False
         if target is not None:
             self._load(target)
         self.metrics = MetricsWriter(self.cfg.run_dir, self.step) if self.rank == 0 else None
+        if self.metrics is not None:
+            print(f"[start] {self.cfg.model.method} ViT-{self.cfg.model.size} {self.cfg.model.img_size}px, "
+                  f"{self.world} ranks x {self.cfg.train.micro_batch} x {self.accum} accumulation = "
+                  f"{self.cfg.train.global_batch} per step, {self.total} steps "
+                  f"({self.pipeline.steps_per_epoch} per epoch), peak lr {self.peak:.3e}, "
+                  f"warmup {self.cfg.optim.warmup_steps} steps, run_dir {self.cfg.run_dir}", flush=True)
         if self.metrics is not None and target is not None:
             self.metrics.event({"event": "resume", "step": self.step, "from": str(target.tag_dir),
                                 "universal": target.universal, "world_size": self.world})
@@ -139,8 +146,11 @@ class Trainer:
             wait = time.perf_counter() - t
             yield imgs.to(self.dtype, non_blocking=True), wait
 
-    def train_step(self) -> tuple[float, bool, float, torch.Tensor]:
-        """One optimizer step. Returns (global mean loss, step applied, data-wait seconds, last micro-batch).
+    def train_step(self) -> tuple[float, float, bool, float, torch.Tensor]:
+        """One optimizer step.
+
+        Returns (global mean loss, mean PSTS stage id the model used (0 near, 1 far,
+        2 random), step applied, data-wait seconds, last micro-batch).
 
         No host sync inside the micro-step loop; the single sync is the ``tolist()`` of
         the all-reduced [loss, non-finite count] pair after the step.
@@ -153,11 +163,14 @@ class Trainer:
         inject = self.step in cfg.train.nonfinite_at
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         bad = torch.zeros((), device=self.device, dtype=torch.float32)
+        stage_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         wait = 0.0
         imgs = torch.empty(0)
         for imgs, waited in self._micro_batches():
             wait += waited
-            loss = self.engine(imgs, progress).loss
+            out = self.engine(imgs, progress)
+            loss = out.loss
+            stage_sum += out.stats["stage"].float()
             if inject:
                 loss = loss * float("nan")
             # Accumulated on the device: reading the flag now would sync every micro-step.
@@ -167,16 +180,16 @@ class Trainer:
             # DeepSpeed only updates on the accumulation boundary; the ZeRO optimizer
             # discards the update there when the gradient norm is inf/NaN.
             self.engine.step()
-        packed = torch.stack([loss_sum / self.accum, bad])
+        packed = torch.stack([loss_sum / self.accum, bad, stage_sum / self.accum])
         dist.all_reduce(packed)
-        loss_mean, n_bad = packed.tolist()  # HOST SYNC: the one per optimizer step
+        loss_mean, n_bad, stage_mean = packed.tolist()  # HOST SYNC: the one per optimizer step
         applied = bool(self.engine.was_step_applied())
         if n_bad > 0 and applied:
             raise RuntimeError(
                 f"step {self.step}: the loss was not finite on some rank but DeepSpeed applied the update; "
                 "the DeepSpeed config must keep ZeRO's overflow check (zero stage >= 1, bf16.check_grad_overflow)"
             )
-        return loss_mean / self.world, applied, wait, imgs
+        return loss_mean / self.world, stage_mean / self.world, applied, wait, imgs
 
     def _rollback_or_stop(self, consecutive: int) -> None:
         """K consecutive non-finite steps: reload the last complete checkpoint once, then stop."""
@@ -215,9 +228,10 @@ class Trainer:
         consecutive = 0
         window_t, window_wait, window_steps = 0.0, 0.0, 0
         losses: list[float] = []
+        stages: list[float] = []
         while self.step < self.total:
             t0 = time.perf_counter()
-            loss, applied, wait, imgs = self.train_step()
+            loss, stage, applied, wait, imgs = self.train_step()
             elapsed = time.perf_counter() - t0
             ok = applied and np.isfinite(loss)
             consecutive = 0 if ok else consecutive + 1
@@ -226,6 +240,7 @@ class Trainer:
             window_t += elapsed
             window_wait += wait
             window_steps += 1
+            stages.append(stage)
             if ok:
                 losses.append(loss)
             if not ok and consecutive >= cfg.train.max_nonfinite:
@@ -233,9 +248,9 @@ class Trainer:
                 consecutive = 0
                 continue
             if self.step % cfg.train.log_every == 0 or self.step == self.total:
-                self._log(losses, window_t, window_wait, window_steps, peak_flops)
+                self._log(losses, stages, window_t, window_wait, window_steps, peak_flops)
                 window_t, window_wait, window_steps = 0.0, 0.0, 0
-                losses = []
+                losses, stages = [], []
             if cfg.train.picture_every and self.step % cfg.train.picture_every == 0:
                 self._picture(imgs)
             if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or self.step == self.total:
@@ -243,8 +258,9 @@ class Trainer:
                                       cfg.checkpoint.keep)
                 if self.metrics is not None:
                     self.metrics.event({"event": "checkpoint", "step": self.step, "path": str(tag)})
+        self.finished = True
 
-    def _log(self, losses: list[float], window_t: float, window_wait: float, window_steps: int,
+    def _log(self, losses: list[float], stages: list[float], window_t: float, window_wait: float, window_steps: int,
              peak_flops: float | None) -> None:
         """One log record on rank 0 from host numbers already at hand."""
         if self.metrics is None:
@@ -252,6 +268,7 @@ class Trainer:
         cfg = self.cfg
         img_s = cfg.train.global_batch * window_steps / max(window_t, 1e-9)
         progress = progress_at(self.step - 1, self.total)
+        # HOST SYNC on log steps only, where DeepSpeed keeps the norm as a device tensor.
         grad_norm = self.engine.get_global_grad_norm()
         # inf after a skipped step: logged as null so the JSONL stays strict JSON.
         grad_norm = float(grad_norm) if grad_norm is not None and np.isfinite(float(grad_norm)) else None
@@ -272,6 +289,8 @@ class Trainer:
             "progress": progress,
             "psts_stage": psts_stage(progress, cfg.masking.near_until, cfg.masking.far_until)
             if cfg.model.method == "selectivemae" else "random",
+            # What the model did: mean stage id over the window (fractional inside a blend window).
+            "psts_stage_id": float(np.mean(stages)),
             "nonfinite_steps": self.nonfinite_total,
             "substituted": self.pipeline.substituted,
         })
@@ -281,6 +300,7 @@ class Trainer:
         self.pipeline.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.metrics is not None and self.finished:
             newest = checkpoint.newest_complete(self.cfg.checkpoint_dir)
             print(f"[done] checkpoint: {newest}\n[done] tensorboard: {self.metrics.tb_dir} "
                   f"(tensorboard --logdir {self.metrics.tb_dir})\n[done] metrics: {self.metrics.jsonl_path}\n"
@@ -320,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.run()
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.close()
     return 0
