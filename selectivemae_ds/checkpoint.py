@@ -124,10 +124,19 @@ class ResumeTarget:
 def resolve_resume(resume: str, ckpt_dir: Path, current_config: dict[str, Any], world_size: int) -> ResumeTarget | None:
     """Turn ``checkpoint.resume`` into a ResumeTarget (None = fresh start), checking it before any work.
 
+    A fresh start is refused where ``ckpt_dir`` already holds complete checkpoints.
+
     A sharded checkpoint saved with another number of ranks cannot be loaded directly;
     the message says how to convert it to a universal one.
     """
     if resume == "":
+        existing = newest_complete(ckpt_dir)
+        if existing is not None:
+            # A fresh start here would overwrite and prune the other run's checkpoints.
+            raise ValueError(
+                f"checkpoint.resume: {ckpt_dir} already holds checkpoints (newest {existing.name}); "
+                "continue them with --resume auto, or choose a new run_dir"
+            )
         return None
     if resume == "auto":
         tag = newest_complete(ckpt_dir)

@@ -49,6 +49,13 @@ def test_interrupted_write_is_never_picked(tmp_path: Path) -> None:
     assert checkpoint.resolve_resume("auto", tmp_path / "none", {}, 2) is None
 
 
+def test_fresh_start_over_existing_checkpoints_is_refused(tmp_path: Path) -> None:
+    make_tag(tmp_path, 2, complete=True)
+    with pytest.raises(ValueError, match="checkpoint.resume: .* already holds checkpoints \\(newest step_00000002\\); "
+                                         "continue them with --resume auto"):
+        checkpoint.resolve_resume("", tmp_path, {}, world_size=2)
+
+
 def test_keep_last_k(tmp_path: Path) -> None:
     for s in (1, 2, 3, 4):
         make_tag(tmp_path, s, complete=True)
