@@ -94,6 +94,7 @@ class MetricsWriter:
 
 
 def _fmt(value: Any, spec: str) -> str:
+    """Format a number, or "null" when it is unknown."""
     return "null" if value is None else format(value, spec)
 
 

@@ -48,6 +48,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _free_port() -> int:
+    """A TCP port free on this machine (for a launcher-less single-rank world)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
