@@ -34,7 +34,10 @@ class DataConfig:
     """DALI prefetch queue depth in batches: how far the pipeline runs ahead of the trainer."""
 
     decode_threads: int = 2
-    """DALI num_threads: CPU threads for decoding (cpu) or host-side parsing (mixed), resize and normalize."""
+    """DALI num_threads: CPU threads for decoding (cpu) or host-side parsing (mixed).
+
+    On the cpu path the resize and normalization run in torch in the caller's thread;
+    under mixed they run on the GPU."""
 
     hw_decoder_load: float = 0.65
     """Share of JPEG work given to the A100/H100 hardware decoder under device mixed; ignored elsewhere."""

@@ -1,14 +1,26 @@
 """The DALI input pipeline: shard records -> augmented, normalized torch batches.
 
-Graph (one per rank; the same graph on CPU and GPU, only the decoder device differs)::
+Graph (one per rank)::
 
     _SampleSource (parallel external_source, per sample, in worker processes)
         record bytes (uint8 [nbytes]), crop anchor (int32 [2], y x), crop shape
         (int32 [2], h w), mirror (int32 []), meta (int64 [4])
     -> fn.decoders.image_slice   device "mixed" (nvJPEG) or "cpu"; decodes only the crop
+    mixed (GPU):
     -> fn.resize                 bicubic, antialiased, to img_size x img_size
     -> fn.crop_mirror_normalize  flip, ImageNet mean/std, HWC -> CHW, float32
     -> torch (DLPack, no copy)   (micro_batch, 3, img_size, img_size) on the training device
+    cpu:
+    -> torch (DLPack, no copy)   the uint8 HWC crops, one per sample, and the mirror flags
+    -> _finish_on_host           bicubic antialiased resize (torch's uint8 kernel), flip,
+                                 HWC -> CHW, ImageNet mean/std; on the training device
+                                 when that is a GPU (a uint8 copy, 4x smaller than float)
+
+On the CPU the resize is torch's, not DALI's: DALI's CPU resampler costs ~1.5 ms per
+224 px image, torch's vectorized uint8 antialiased bicubic (the kernel behind
+torchvision's resize, PIL-compatible) ~0.3 ms, and the decoded crops have to be
+resized somewhere. It runs in the thread that calls ``next()``, after DALI's threads
+decoded the batch ahead of time (see docs/loader.md, "Device and transfer").
 
 Order. The per-sample source, not DALI, defines what is read: DALI's sample counter
 ``idx_in_epoch`` is used only as the index ``k`` into this rank's endless stream, and
@@ -27,6 +39,7 @@ logged: it never stops training and is never silent.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import struct
@@ -34,6 +47,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
@@ -188,6 +202,27 @@ class _SampleSource:
         )
 
 
+@contextlib.contextmanager
+def _single_torch_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on the calling thread alone, restoring the caller's setting after.
+
+    The host path's kernels are per image (~0.3 ms): an OpenMP team forks, joins and
+    spin-waits per call, and its spinning threads take the cores from DALI's decode
+    threads. Measured on 2 cores (smae-bench loader, B=32, 224 px): 6.6-8.9 ms of CPU
+    per image for the whole loader with torch's 2 threads, 1.5-1.6 with one. Setting
+    and restoring the count costs well under a microsecond.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resolve_decode_device(cfg_device: str, device: torch.device) -> str:
     """DataConfig.device + training device -> DALI decoder device ("mixed" or "cpu")."""
     if cfg_device == "gpu":
@@ -233,6 +268,10 @@ class InputPipeline:
         self.device = torch.device(device)
         self.decode_device = resolve_decode_device(cfg.device, self.device)
         self.out_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        # (1, 3, 1, 1) per-channel scale (for 0-255 pixels) and bias of the CPU-decode path's
+        # normalization; moved to the training device on first use (never touched under mixed).
+        self._scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
+        self._bias = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
         self._dataset = ShardedDataset(cfg.path)
         self._n = len(self._dataset)
         if self._n < global_batch:
@@ -292,12 +331,16 @@ class InputPipeline:
             images = fn.decoders.image_slice(
                 data, anchor, shape, device="mixed" if gpu else "cpu", axis_names="HW",
                 output_type=types.RGB, adjust_orientation=False, **decode_kw)
-            images = fn.resize(images, size=[self.cfg.img_size, self.cfg.img_size],
-                               interp_type=types.INTERP_CUBIC, antialias=True)
-            images = fn.crop_mirror_normalize(
-                images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
-            pipe.set_outputs(images, meta)
+            if gpu:
+                images = fn.resize(images, size=[self.cfg.img_size, self.cfg.img_size],
+                                   interp_type=types.INTERP_CUBIC, antialias=True)
+                images = fn.crop_mirror_normalize(
+                    images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+                pipe.set_outputs(images, meta)
+            else:
+                # The decoded crops leave DALI as they are; _finish_on_host resizes them.
+                pipe.set_outputs(images, meta, mirror)
         pipe.build()
         self._pipe = pipe
         self._k = 0
@@ -309,7 +352,7 @@ class InputPipeline:
         """The next micro-batch: (micro_batch, 3, img_size, img_size), cfg.dtype, on self.device."""
         if self._pipe is None:
             self._build()
-        images_tl, meta_tl = self._pipe.run()
+        images_tl, meta_tl, *mirror_tl = self._pipe.run()
         meta = np.array(meta_tl.as_tensor())  # (micro_batch, 4) int64, host data already
         expected = np.arange(self._k, self._k + self.micro_batch)
         if not np.array_equal(meta[:, _META_K], expected):
@@ -318,7 +361,10 @@ class InputPipeline:
         self._k += self.micro_batch
         self.last_indices = meta[:, _META_INDEX].copy()
         self._note_substitutions(meta)
-        images = self._to_torch(images_tl)
+        if self.decode_device == "mixed":
+            images = self._to_torch(images_tl)
+        else:
+            images = self._finish_on_host(images_tl, np.array(mirror_tl[0].as_tensor()))
         self._micro += 1
         if self._micro == self.accum:
             self._micro = 0
@@ -326,18 +372,42 @@ class InputPipeline:
         return images
 
     def _to_torch(self, images_tl: Any) -> torch.Tensor:
-        """DALI TensorList (micro_batch, 3, S, S) -> torch tensor on self.device, without a host trip on GPU."""
-        dense = images_tl.as_tensor()
-        if self.decode_device == "mixed":
-            # DLPack import on DALI's output; torch waits on DALI's stream, no copy, no host sync.
-            with torch.cuda.device(self.device):
-                images = torch.from_dlpack(dense)
-        else:
-            images = torch.from_dlpack(dense)
-            if self.device.type != "cpu":
-                # data.device=cpu with a CUDA trainer: the one host->device copy is unavoidable.
-                images = images.pin_memory().to(self.device, non_blocking=True)
+        """DALI GPU TensorList (micro_batch, 3, S, S) -> torch tensor on self.device, no host round trip."""
+        # DLPack import on DALI's output; torch waits on DALI's stream, no copy, no host sync.
+        with torch.cuda.device(self.device):
+            images = torch.from_dlpack(images_tl.as_tensor())
         return images.to(self.out_dtype) if images.dtype != self.out_dtype else images
+
+    def _finish_on_host(self, crops_tl: Any, mirror: np.ndarray) -> torch.Tensor:
+        """CPU-decoded uint8 HWC crops + flip flags -> (micro_batch, 3, S, S) cfg.dtype on self.device.
+
+        Resize: torch's uint8 antialiased bicubic on a channels-last view of each crop
+        (no copy out of DALI's buffer). That is torch's vectorized integer kernel, the one
+        torchvision's resize uses, which follows PIL's filter: deterministic and
+        independent of the thread count (bit-identical runs on one machine and torch
+        version). Its output is contiguous (1, 3, S, S), so storing it, flipping it along
+        W and the float conversion into the contiguous batch are plain sequential passes.
+        """
+        size = self.cfg.img_size
+        small = torch.empty((len(mirror), 3, size, size), dtype=torch.uint8,
+                            pin_memory=self.device.type == "cuda")
+        with _single_torch_thread():
+            for i in range(len(mirror)):
+                # (h, w, 3) -> (1, 3, h, w): a channels-last view, the layout of the fast kernel.
+                crop = torch.from_dlpack(crops_tl[i]).permute(2, 0, 1).unsqueeze(0)
+                out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True,
+                                    align_corners=False)[0]
+                small[i] = out.flip(-1) if mirror[i] else out
+            if self.device.type != "cpu":
+                # data.device=cpu with a CUDA trainer: one host->device copy, of uint8 (a quarter
+                # of the float batch); the normalization below then runs on the device.
+                small = small.to(self.device, non_blocking=True)
+                if self._scale.device != small.device:
+                    self._scale, self._bias = self._scale.to(small.device), self._bias.to(small.device)
+            # One pass: float32(x) * (1 / std) + (-mean / std), uint8 promoted inside the kernel.
+            images = torch.empty(small.shape, dtype=torch.float32, device=small.device)
+            torch.addcmul(self._bias, small, self._scale, out=images)
+            return images.to(self.out_dtype) if images.dtype != self.out_dtype else images
 
     def _note_substitutions(self, meta: np.ndarray) -> None:
         bad = meta[meta[:, _META_FLAG] != 0]
