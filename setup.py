@@ -36,6 +36,7 @@ setup(
             "smae-bench=selectivemae_ds.benchmark.cli:main",
             "smae-pretrain=selectivemae_ds.trainer:main",
             "smae-eval=selectivemae_ds.evaluate:main",
+            "smae-export=selectivemae_ds.export:main",
         ],
     },
 )

@@ -24,3 +24,30 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     return ASSETS
+
+
+@pytest.fixture(scope="session")
+def launch_dataset(tmp_path_factory) -> Path:
+    """40 real JPEG crops of the bundled images in 2 shards, for trainer launches."""
+    from tests.shard_fixtures import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("launch_ds") / "data", ASSETS, count=40, shards=2)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, launch_dataset):
+    """The 4-step, 2-rank demo-model run per DeepSpeed JSON (checkpoints at steps 2 and 4),
+    launched once per session and shared by the checkpoint, export and reliability tests.
+    Tests may add a universal conversion beside a tag; they must not change or remove tags."""
+    from tests.launch import pretrain
+
+    runs: dict[str, Path] = {}
+
+    def get(ds_json: str) -> Path:
+        if ds_json not in runs:
+            run = tmp_path_factory.mktemp("straight") / ds_json.removesuffix(".json")
+            pretrain(run, launch_dataset, ds_json)
+            runs[ds_json] = run
+        return runs[ds_json]
+
+    return get

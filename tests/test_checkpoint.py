@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +16,7 @@ import pytest
 import torch
 
 from selectivemae_ds import checkpoint
-from tests.shard_fixtures import build_dataset
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-DEMO = REPO / "configs" / "demo.toml"
+from tests.launch import BIN, DEMO, REPO, assert_same_weights, fp32_weights, logged, pretrain
 
 
 # ---------------------------------------------------------------- unit tests (no engine)
@@ -88,73 +83,8 @@ def test_other_world_size_needs_universal_conversion(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- through the launcher
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_dataset(tmp_path_factory.mktemp("ds") / "data", REPO / "assets" / "neon", count=40, shards=2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    """4 steps of the demo model at lr 1e-3 (large enough that every step moves the weights)."""
-    args = ["--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / ds_json),
-            "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", "--set", "train.steps=4",
-            "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3",
-            "--set", "train.picture_every=2", *extra]
-    if ranks == 1:
-        cmd = [str(BIN / "smae-pretrain"), *args]
-    else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(REPO / "launcher" / "pretrain.py"), *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def logged(run_dir: Path) -> dict[int, dict]:
-    """step -> metrics record (the last one for a step)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "event" not in rec:
-            out[rec["step"]] = rec
-    return out
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path):
-    """The 4-step straight run per DeepSpeed JSON, launched once and shared by the tests of this module."""
-    runs: dict[str, Path] = {}
-
-    def get(ds_json: str) -> Path:
-        if ds_json not in runs:
-            run = tmp_path_factory.mktemp("straight") / ds_json.removesuffix(".json")
-            pretrain(run, dataset, ds_json)
-            runs[ds_json] = run
-        return runs[ds_json]
-
-    return get
-
-
-def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-
-
 @pytest.mark.parametrize("ds_json, resume", [("zero2.json", "path"), ("zero3.json", "auto")])
-def test_resume_equals_straight_run(tmp_path: Path, dataset: Path, straight_run, ds_json: str, resume: str) -> None:
+def test_resume_equals_straight_run(tmp_path: Path, launch_dataset: Path, straight_run, ds_json: str, resume: str) -> None:
     """ZeRO-2 resumes from a named tag; ZeRO-3 with --resume auto from a run_dir whose
     newest tag is an interrupted write (its shards are there, COMPLETE is not)."""
     straight, resumed = straight_run(ds_json), tmp_path / "resumed"
@@ -166,10 +96,10 @@ def test_resume_equals_straight_run(tmp_path: Path, dataset: Path, straight_run,
         shutil.copytree(mid, ckpts / mid.name)
         interrupted = shutil.copytree(straight / "checkpoints" / "step_00000004", ckpts / "step_00000003")
         (interrupted / checkpoint.COMPLETE).unlink()
-        r = pretrain(resumed, dataset, ds_json, "--resume", "auto")
+        r = pretrain(resumed, launch_dataset, ds_json, "--resume", "auto")
         assert f"from={ckpts / mid.name}" in r.stdout
     else:
-        r = pretrain(resumed, dataset, ds_json, "--resume", str(mid))
+        r = pretrain(resumed, launch_dataset, ds_json, "--resume", str(mid))
     assert "[resume] step=2" in r.stdout
     a, b = logged(straight), logged(resumed)
     assert sorted(b) == [3, 4]
@@ -186,7 +116,7 @@ def test_resume_equals_straight_run(tmp_path: Path, dataset: Path, straight_run,
     assert list((straight / "tensorboard").iterdir())
 
 
-def test_two_ranks_to_one_through_universal_checkpoint(tmp_path: Path, dataset: Path, straight_run) -> None:
+def test_two_ranks_to_one_through_universal_checkpoint(tmp_path: Path, launch_dataset: Path, straight_run) -> None:
     two = straight_run("zero2.json")
     mid = two / "checkpoints" / "step_00000002"
     env = dict(os.environ, DS_ACCELERATOR="cpu")
@@ -196,7 +126,7 @@ def test_two_ranks_to_one_through_universal_checkpoint(tmp_path: Path, dataset: 
     assert checkpoint.newest_complete(mid.parent) == two / "checkpoints" / "step_00000004"  # auto skips universal tags
     assert checkpoint.is_complete(universal) and (universal / "zero").is_dir()
     one = tmp_path / "one"
-    r = pretrain(one, dataset, "zero2.json", "--resume", str(universal), ranks=1)
+    r = pretrain(one, launch_dataset, "zero2.json", "--resume", str(universal), ranks=1)
     assert "universal=True world_size=1" in r.stdout
     a, b = logged(two), logged(one)
     assert sorted(b) == [3, 4] and b[4]["samples_seen"] == 32
@@ -206,13 +136,13 @@ def test_two_ranks_to_one_through_universal_checkpoint(tmp_path: Path, dataset: 
     assert checkpoint.is_complete(one / "checkpoints" / "step_00000004")
 
 
-def test_nonfinite_steps_are_skipped_then_rollback_then_stop(tmp_path: Path, dataset: Path) -> None:
+def test_nonfinite_steps_are_skipped_then_rollback_then_stop(tmp_path: Path, launch_dataset: Path) -> None:
     """NaN injected at steps (0-based) 1, 3, 4, 5 with K = 2: step 1 is skipped and counted,
     the pair 3+4 triggers one rollback to the step-4 checkpoint, the repeat at 4+5 stops the run."""
     run = tmp_path / "nan"
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     cmd = [str(BIN / "smae-pretrain"), "--config", str(DEMO), "--deepspeed_config",
-           str(REPO / "ds_configs" / "cpu_smoke.json"), "--set", f"data.path={dataset}", "--set", f"run_dir={run}",
+           str(REPO / "ds_configs" / "cpu_smoke.json"), "--set", f"data.path={launch_dataset}", "--set", f"run_dir={run}",
            "--set", "train.steps=6", "--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep=10",
            "--set", "train.nonfinite_at=[1,3,4,5]", "--set", "train.max_nonfinite=2", "--set", "optim.lr=1e-3",
            "--set", "train.picture_every=0"]

@@ -1,0 +1,64 @@
+"""Launch the trainer from tests: the demo model through `deepspeed` (or one process),
+and read back what it logged and saved."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEMO = REPO / "configs" / "demo.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 2,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """4 steps of the demo model at lr 1e-3 (large enough that every step moves the weights),
+    a checkpoint every 2 steps; `extra` are more CLI arguments (later --set wins)."""
+    args = ["--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / ds_json),
+            "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", "--set", "train.steps=4",
+            "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3",
+            "--set", "train.picture_every=2", *extra]
+    if ranks == 1:
+        cmd = [str(BIN / "smae-pretrain"), *args]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+               str(REPO / "launcher" / "pretrain.py"), *args]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    """step -> metrics record (the last one for a step)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "event" not in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
