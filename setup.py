@@ -37,6 +37,7 @@ setup(
             "smae-pretrain=selectivemae_ds.trainer:main",
             "smae-eval=selectivemae_ds.evaluate:main",
             "smae-export=selectivemae_ds.export:main",
+            "smae-visualize=selectivemae_ds.visualize:main",
         ],
     },
 )

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from selectivemae_ds.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
@@ -144,13 +144,19 @@ def fixed_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def load_images(paths: list[Path], img_size: int) -> torch.Tensor:
-    """(n, 3, img_size, img_size) float32, ImageNet-normalised, bicubic resize."""
+def load_images(paths: list[Path], img_size: int, center_crop: bool = False) -> torch.Tensor:
+    """(n, 3, img_size, img_size) float32, ImageNet-normalised, bicubic resize (of the
+    central square when ``center_crop``, else of the whole image)."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = torch.empty(len(paths), 3, img_size, img_size)
     for i, p in enumerate(paths):
-        im = Image.open(p).convert("RGB").resize((img_size, img_size), Image.Resampling.BICUBIC)
+        im = Image.open(p).convert("RGB")
+        if center_crop:
+            w, h = im.size
+            side = min(w, h)
+            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        im = im.resize((img_size, img_size), Image.Resampling.BICUBIC)
         out[i] = (torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255.0 - mean) / std
     return out
 

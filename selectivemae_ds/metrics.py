@@ -1,4 +1,5 @@
-"""Training metrics on rank 0: TensorBoard, JSONL and a compact console line; MFU; pictures.
+"""Training metrics on rank 0: TensorBoard, JSONL and a compact console line; MFU; pictures
+(drawn by :func:`selectivemae_ds.visualize.picture_grid`).
 
 Only rank 0 constructs a :class:`MetricsWriter`; the trainer hands it host numbers it
 already has (the one per-step host sync happens in the trainer), so logging adds no
@@ -24,9 +25,6 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
     "L40S": 362.0,
     "A10": 125.0,
 }
-# ImageNet statistics the input pipeline normalizes with, to show pictures in RGB.
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 def peak_tflops(device: torch.device, override: float) -> float | None:
@@ -106,40 +104,3 @@ def format_line(r: dict[str, Any]) -> str:
         f"wait {100 * r['data_wait']:.0f}% mfu {'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} "
         f"psts {r['psts_stage']} nonfinite {r['nonfinite_steps']}"
     )
-
-
-def reconstruction_grid(imgs: Tensor, details: dict[str, Tensor], patch: int, max_images: int = 4) -> Tensor:
-    """Rows of [input | visible patches | reconstruction targets | reconstruction] as one (3, H, W) image.
-
-    imgs: (B, 3, S, S) normalized; details from ``PretrainModel.forward_details``:
-    ``visible_idx`` (B, V), ``target_idx`` (B, T), ``pred_pixels`` (B, T, p*p*3).
-    Hidden patches are shown gray; the reconstruction pastes predictions into the
-    target positions of the visible-only image.
-    """
-    from selectivemae_ds.models import patchify, unpatchify
-
-    imgs = imgs[:max_images].float()
-    b, _, s, _ = imgs.shape
-    g = s // patch
-    mean = torch.tensor(_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(_STD, device=imgs.device).view(1, 3, 1, 1)
-    gray = ((0.5 - mean) / std).expand(b, 3, s, s)
-    x = patchify(imgs, patch)  # (B, N, p*p*3)
-    blank = patchify(gray.contiguous(), patch)
-    vis = details["visible_idx"][:b].long()
-    tgt = details["target_idx"][:b].long()
-    pred = details["pred_pixels"][:b].float()
-
-    def scatter(base: Tensor, idx: Tensor, src: Tensor) -> Tensor:
-        out = base.clone()
-        out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), src)
-        return out
-
-    visible = scatter(blank, vis, torch.gather(x, 1, vis.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
-    targets = scatter(blank, tgt, torch.gather(x, 1, tgt.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
-    recon = scatter(visible, tgt, pred)
-    panels = [imgs] + [unpatchify(p, patch, g, g) for p in (visible, targets, recon)]
-    rows = torch.cat(panels, dim=3)  # (B, 3, S, 4S)
-    grid = torch.cat(list(rows), dim=1)  # (3, B*S, 4S)
-    # HOST SYNC: picture steps only.
-    return (grid * std[0] + mean[0]).clamp(0.0, 1.0).cpu()

@@ -30,8 +30,9 @@ import torch.distributed as dist
 from selectivemae_ds import checkpoint
 from selectivemae_ds.config import TrainConfig, config_to_dict, load_config, resolve_steps, write_resolved
 from selectivemae_ds.engine import initialize, load_ds_json, merge_ds_config, set_lr
-from selectivemae_ds.metrics import MetricsWriter, mfu, peak_tflops, reconstruction_grid
+from selectivemae_ds.metrics import MetricsWriter, mfu, peak_tflops
 from selectivemae_ds.schedules import lr_at, peak_lr, progress_at, psts_stage
+from selectivemae_ds.visualize import picture_grid
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +101,8 @@ class Trainer:
         self.patch = self.cfg.model.resolved_patch_size()
         self.engine = initialize(model, self.cfg, ds_config, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        # Where train.nonfinite_grad_at injects a non-finite gradient (fault injection only).
+        self._first_param = next(p for p in self.engine.module.parameters() if p.requires_grad)
         self.accum = self.engine.gradient_accumulation_steps()
         self.total = self.cfg.train.steps
         self.peak = peak_lr(self.cfg)
@@ -162,6 +165,10 @@ class Trainer:
         progress = progress_at(self.step, self.total)
         torch.manual_seed(step_seed(cfg.train.seed, self.step, self.rank))
         inject = self.step in cfg.train.nonfinite_at
+        poison = float(cfg.train.nonfinite_value)
+        # Fault injection (tests, drills): one gradient replaced by inf/NaN, the loss stays finite.
+        hook = self._first_param.register_hook(lambda g: torch.full_like(g, poison)) \
+            if self.step in cfg.train.nonfinite_grad_at else None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         bad = torch.zeros((), device=self.device, dtype=torch.float32)
         stage_sum = torch.zeros((), device=self.device, dtype=torch.float32)
@@ -173,7 +180,7 @@ class Trainer:
             loss = out.loss
             stage_sum += out.stats["stage"].float()
             if inject:
-                loss = loss * float("nan")
+                loss = loss * poison
             # Accumulated on the device: reading the flag now would sync every micro-step.
             bad += (~torch.isfinite(loss.detach())).float()
             loss_sum += torch.nan_to_num(loss.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -181,6 +188,8 @@ class Trainer:
             # DeepSpeed only updates on the accumulation boundary; the ZeRO optimizer
             # discards the update there when the gradient norm is inf/NaN.
             self.engine.step()
+        if hook is not None:
+            hook.remove()
         packed = torch.stack([loss_sum / self.accum, bad, stage_sum / self.accum])
         dist.all_reduce(packed)
         loss_mean, n_bad, stage_mean = packed.tolist()  # HOST SYNC: the one per optimizer step
@@ -213,13 +222,13 @@ class Trainer:
             self.metrics.event({"event": "rollback", "step": self.step, "from_step": from_step, "to": str(newest)})
 
     def _picture(self, imgs: torch.Tensor) -> None:
-        """Input / visible / targets / reconstruction grid to TensorBoard (all ranks run the forward:
+        """Input / HOG / visible / targets / reconstruction grid to TensorBoard (all ranks run the forward:
         ZeRO-3 gathers parameters collectively)."""
         progress = progress_at(self.step, self.total)
         with torch.no_grad():
             details = self.engine.module.forward_details(imgs[:4], progress)
         if self.metrics is not None:
-            grid = reconstruction_grid(imgs, details, self.patch)
+            grid = picture_grid(imgs, details, self.patch)
             self.metrics.picture("reconstruction", grid, self.step)
 
     def run(self) -> None:
