@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_INFO,
@@ -46,6 +47,17 @@ COMPLETE = "COMPLETE"
 CLIENT_STATE = "client_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
+# The only non-tensor classes DeepSpeed's checkpoints reference (beyond what torch's
+# weights_only unpickler allows): plain data holders, safe to construct.
+ALLOWED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file references a Python global outside the allowlist (it could run code when loaded)."""
 
 # Resolved-config keys that must match to resume: they fix the parameter shapes, the
 # data order or the meaning of a step. Everything else (logging, lr, paths) may change.
@@ -211,8 +223,34 @@ def prune(ckpt_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
+def check_pickles(tag_dir: Path) -> int:
+    """Refuse a tag whose ``*.pt`` files reference globals beyond torch's safe set and
+    :data:`ALLOWED_GLOBALS`; return the number of files checked.
+
+    DeepSpeed 0.19.8 loads checkpoints with ``torch.load(weights_only=False)`` (its
+    TorchCheckpointEngine), which would run any code a crafted pickle asks for. The
+    global names are read from the pickle opcodes without unpickling anything
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``), so a malicious file is
+    refused before DeepSpeed opens it.
+    """
+    files = sorted(tag_dir.rglob("*.pt"))
+    for f in files:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise UnsafeCheckpointError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        extra = sorted(unsafe - ALLOWED_GLOBALS)
+        if extra:
+            raise UnsafeCheckpointError(
+                f"{f}: references Python globals outside the allowlist {extra}; refusing to load it "
+                "(loading would execute them)"
+            )
+    return len(files)
+
+
 def load(engine: Any, target: ResumeTarget) -> None:
-    """Load module, optimizer and DeepSpeed counters from ``target`` on every rank."""
+    """Check the tag's pickles, then load module, optimizer and DeepSpeed counters from ``target`` on every rank."""
+    check_pickles(target.tag_dir)
     path, _ = engine.load_checkpoint(str(target.tag_dir.parent), tag=target.tag_dir.name,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:

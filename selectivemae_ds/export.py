@@ -67,6 +67,8 @@ def load_fp32_state(tag: Path) -> dict[str, torch.Tensor]:
         return _load_universal(tag)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # zero_to_fp32 unpickles with weights_only=False: refuse files that reference unknown globals first.
+    checkpoint.check_pickles(tag)
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
 
 
