@@ -414,13 +414,14 @@ class ShardedDataset:
     """
 
     def __init__(self, root: str | os.PathLike, verify_crc: bool = True):
+        # Set first: __del__ (close) runs even when the manifest below is refused.
+        self._open: dict[int, _OpenShard] = {}
         self.root = Path(root)
         self.verify_crc = verify_crc
         self.manifest = read_manifest(self.root)
         self._entries = self.manifest["shards"]
         counts = np.asarray([s["count"] for s in self._entries], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self._open: dict[int, _OpenShard] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
