@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ COMPLETE = "COMPLETE"
 CLIENT_STATE = "client_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
+# Test-only fault hook: seconds every rank sleeps after its shards are written and before
+# the COMPLETE marker, so a reliability test can kill a rank inside the write window.
+# Unset (the default) in any real run.
+DELAY_ENV = "SMAE_TEST_CHECKPOINT_DELAY_S"
 # The only non-tensor classes DeepSpeed's checkpoints reference (beyond what torch's
 # weights_only unpickler allows): plain data holders, safe to construct.
 ALLOWED_GLOBALS = frozenset({
@@ -199,6 +204,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=ds_client_state)
     if rank == 0:
         _atomic_write(tag_dir / CLIENT_STATE, json.dumps(client_state, indent=1))
+    delay = float(os.environ.get(DELAY_ENV, "0"))
+    if delay > 0:
+        time.sleep(delay)
     # Every rank's shard is on disk before the marker exists.
     dist.barrier()
     if rank == 0:

@@ -116,7 +116,14 @@ class TrainLoopConfig:
     """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 = look it up from the device
     name (A100/H100/H200), MFU is reported as null when unknown (e.g. CPU)."""
     nonfinite_at: list[int] = field(default_factory=list)
-    """Fault injection for tests and drills: optimizer steps whose loss is replaced by NaN."""
+    """Fault injection for tests and drills (off by default): 0-based optimizer steps whose
+    loss is multiplied by ``nonfinite_value``."""
+    nonfinite_grad_at: list[int] = field(default_factory=list)
+    """Fault injection for tests and drills (off by default): 0-based optimizer steps where
+    one parameter's gradient (the first trainable one) is replaced by ``nonfinite_value``
+    during backward while the loss stays finite."""
+    nonfinite_value: str = "nan"
+    """Fault injection: the value ``nonfinite_at`` and ``nonfinite_grad_at`` inject, "nan" or "inf"."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending ``train.*`` key."""
@@ -144,6 +151,12 @@ class TrainLoopConfig:
             raise ValueError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
         if self.peak_tflops < 0.0:
             raise ValueError(f"train.peak_tflops: must be >= 0, got {self.peak_tflops}")
+        for key in ("nonfinite_at", "nonfinite_grad_at"):
+            steps = getattr(self, key)
+            if any(s < 0 for s in steps):
+                raise ValueError(f"train.{key}: fault-injection steps are 0-based optimizer steps >= 0, got {steps}")
+        if self.nonfinite_value not in ("nan", "inf"):
+            raise ValueError(f'train.nonfinite_value: must be "nan" or "inf", got {self.nonfinite_value!r}')
 
     def check_world_size(self, world_size: int) -> int:
         """Gradient-accumulation steps for ``world_size`` ranks; ValueError if the batch does not split."""
