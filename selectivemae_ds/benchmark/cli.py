@@ -7,6 +7,7 @@ import sys
 MODES = {
     "model": ("selectivemae_ds.benchmark.model", "fwd+bwd+AdamW steps of a model on synthetic images"),
     "loader": ("selectivemae_ds.benchmark.loader", "the DALI input pipeline vs the reference PIL/torchvision loader"),
+    "e2e": ("selectivemae_ds.benchmark.e2e", "training steps end to end: shards -> DALI -> DeepSpeed engine (trainer)"),
 }
 
 

@@ -4,18 +4,23 @@ Prints one JSON line: method, size, batch, img_per_s, flops_per_img, plus the
 step time, the time of the token selection alone (HOG + PSTS, or the random
 masking of the baselines) and its share of the step, and achieved TFLOP/s.
 Synthetic images exclude the input pipeline: this measures the model only.
+On CUDA the record also holds the peak allocated memory and the MFU against the
+device's dense bf16 peak (the trainer's table in ``selectivemae_ds.metrics``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata as md
 import json
+import platform
 import sys
 import time
 from typing import Any
 
 import torch
 
+from selectivemae_ds.metrics import mfu, peak_tflops
 from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
 from selectivemae_ds.models.config import METHODS
 from selectivemae_ds.models.selective_mae import PretrainModel
@@ -23,6 +28,48 @@ from selectivemae_ds.models.token_selection import hog_patch_scores, psts_select
 
 BENCH_SIZES = ("tiny", "small", "base", "large", "huge")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# DALI ships one distribution per CUDA major; the first one installed is reported.
+DALI_DISTRIBUTIONS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali")
+
+
+def _dist_version(*names: str) -> str | None:
+    """Installed version of the first distribution in `names`, None when none is installed."""
+    for name in names:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions a benchmark record carries, read from package metadata (nothing heavy imported).
+
+    None marks a package that is not installed (e.g. DALI for model-only runs).
+    """
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "deepspeed": _dist_version("deepspeed"),
+        "dali": _dist_version(*DALI_DISTRIBUTIONS),
+        "timm": _dist_version("timm"),
+        "python": platform.python_version(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's marketing name (e.g. "NVIDIA H100 80GB HBM3"), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_mem_gb(device: torch.device) -> float | None:
+    """Peak memory allocated by torch on `device` since the last reset, in GB (1e9 bytes); None on CPU.
+
+    Decimal GB so that a "< 40 GB" target is checked against the larger of the two units.
+    """
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
 
 
 def sync(device: torch.device) -> None:
@@ -83,10 +130,16 @@ class ModelBench:
         progress: float = 0.5,
         attn_impl: str = "sdpa",
         seed: int = 0,
+        peak_tflops_override: float = 0.0,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = progress
+        self.peak_tflops = peak_tflops(self.device, peak_tflops_override)
+        if self.device.type == "cuda":
+            # The peak then covers this model, its optimizer state and the steps timed on it
+            # (and any other bench alive in the same process, e.g. bench/model.py's rounds).
+            torch.cuda.reset_peak_memory_stats(self.device)
         torch.manual_seed(seed)
         model_cfg = ModelConfig(method=method, size=size, img_size=img_size, attn_impl=attn_impl)
         self.model = build_model(model_cfg, MaskingConfig()).to(self.device)
@@ -128,7 +181,9 @@ class ModelBench:
         batch = self.imgs.shape[0]
         flops = self.model.flops_per_image()
         return {
+            "mode": "model",
             **self.meta,
+            "device_name": device_name(self.device),
             "steps": steps,
             "dtype": self.dtype,
             "img_per_s": round(batch / step_s, 3),
@@ -139,11 +194,19 @@ class ModelBench:
             "select_cpu_share": round(select_cpu_s / step_cpu_s, 4),
             "flops_per_img": flops,
             "achieved_tflops": round(flops * batch / step_s / 1e12, 4),
+            "mfu": _round(mfu(batch / step_s, flops, 1, self.peak_tflops), 4),
+            "peak_mem_gb": peak_mem_gb(self.device),
             "visible": self.model.num_visible,
             "targets": self.model.num_targets,
             "params_m": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
             "torch": torch.__version__,
+            "versions": versions(),
         }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    """round() that passes None (an unknown MFU) through."""
+    return None if value is None else round(value, digits)
 
 
 def run_benchmark(
@@ -158,9 +221,10 @@ def run_benchmark(
     progress: float = 0.5,
     attn_impl: str = "sdpa",
     seed: int = 0,
+    peak_tflops_override: float = 0.0,
 ) -> dict[str, Any]:
     """Time `steps` training steps (after `warmup`) and the selection alone; return the record."""
-    bench = ModelBench(method, size, batch, device, dtype, img_size, progress, attn_impl, seed)
+    bench = ModelBench(method, size, batch, device, dtype, img_size, progress, attn_impl, seed, peak_tflops_override)
     for _ in range(warmup):
         bench.step()
     step_s, step_cpu_s = bench.time_steps(steps)
@@ -187,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--attn-impl", choices=("sdpa", "flash"), default="sdpa", help="attention kernel")
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0,
+        help="dense bf16 peak TFLOP/s of the device for MFU; 0 = from the device name (null when unknown)",
+    )
     return parser
 
 
@@ -212,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=args.progress,
             attn_impl=args.attn_impl,
             seed=args.seed,
+            peak_tflops_override=args.peak_tflops,
         )
     except (ValueError, ImportError) as err:
         print(f"smae-bench model: {err}", file=sys.stderr)
