@@ -1,0 +1,31 @@
+"""Reliability suite: the CI part runs by default; ``@pytest.mark.heavy`` trials run only
+with ``--heavy-trials N`` (N > 0), e.g. ``pytest tests/reliability -m heavy --heavy-trials 20``."""
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--heavy-trials", type=int, default=0, metavar="N",
+                     help="run the heavy reliability trials (marker 'heavy') N times each; 0 skips them")
+    parser.addoption("--heavy-seed", type=int, default=20261124, metavar="SEED",
+                     help="seed of the random kill moments of the heavy trials")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--heavy-trials", default=0) > 0:
+        return
+    skip = pytest.mark.skip(reason="heavy reliability trial: run with --heavy-trials N")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def heavy_trials(pytestconfig: pytest.Config) -> int:
+    return int(pytestconfig.getoption("--heavy-trials", default=0))
+
+
+@pytest.fixture(scope="session")
+def heavy_seed(pytestconfig: pytest.Config) -> int:
+    return int(pytestconfig.getoption("--heavy-seed", default=20261124))
