@@ -264,8 +264,22 @@ def targets(args: argparse.Namespace) -> list[Target]:
     ]
 
 
-def tables(args: argparse.Namespace, suite: Suite, records: list[dict[str, Any]]) -> tuple[str, list[dict]]:
+def earlier_results(out: Path, skip: set[str], device: str) -> list[tuple[str, dict[str, Any]]]:
+    """Result files already in ``out`` from an earlier invocation on the same device (e.g. before an
+    ``--only`` rerun of the failed steps), so the target table still sees every measurement."""
+    found = []
+    for path in sorted(out.glob("*.json")):
+        if path.stem in skip or path.name == "summary.json":
+            continue
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and record.get("device") == device:
+            found.append((path.stem, record))
+    return found
+
+
+def tables(args: argparse.Namespace, suite: Suite, named: list[tuple[str, dict[str, Any]]]) -> tuple[str, list[dict]]:
     """The markdown summary (targets, then every run) and the target rows as data."""
+    records = [rec for _name, rec in named]
     lines = [f"Device: {suite.device_name}; torch {suite.versions['torch']}, deepspeed {suite.versions['deepspeed']}, "
              f"DALI {suite.versions['dali']}, timm {suite.versions['timm']}, Python {suite.versions['python']}; "
              f"{utc_now()}", ""]
@@ -281,7 +295,7 @@ def tables(args: argparse.Namespace, suite: Suite, records: list[dict[str, Any]]
         lines.append(f"| {t.label} | {t.goal} | {shown} | {status} |")
         rows.append({"target": t.label, "goal": t.goal, "value": value, "status": status})
     lines += ["", "| run | img/s | step ms | other | wall s |", "|---|---|---|---|---|"]
-    for rec, run in zip(records, suite.runs):
+    for name, rec in named:
         if "error" in rec:
             other = f"ERROR: {rec['error']}"
         elif rec.get("mode") == "model":
@@ -295,7 +309,7 @@ def tables(args: argparse.Namespace, suite: Suite, records: list[dict[str, Any]]
             other = f"decode {rec.get('decode_device')}, batch {rec.get('batch')}, {rec.get('workers')} workers"
         else:
             other = rec.get("closing_line", "")
-        lines.append(f"| {run['name']} | {rec.get('img_per_s') if rec.get('img_per_s') is not None else '-'} | "
+        lines.append(f"| {name} | {rec.get('img_per_s') if rec.get('img_per_s') is not None else '-'} | "
                      f"{rec.get('step_ms', '-')} | {other} | {rec.get('wall_s')} |")
     return "\n".join(lines) + "\n", rows
 
@@ -417,12 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     if "tests" in args.only:
         records.append(run_tests(suite, args.tests_timeout))
 
-    text, rows = tables(args, suite, records)
+    names = [run["name"] for run in suite.runs]
+    earlier = earlier_results(args.out, set(names), suite.device_name)
+    text, rows = tables(args, suite, earlier + list(zip(names, records)))
     given = sys.argv[1:] if argv is None else argv
     summary = {"mode": "summary", "device": suite.device_name, "device_type": suite.device, "date": utc_now(),
                "versions": suite.versions, "command": "python bench/gpu_suite.py " + shlex.join(given),
                "quick": args.quick, "platform": platform.platform(), "cpu_count": os.cpu_count(),
                "wall_s": round(time.monotonic() - started, 1), "targets": rows, "runs": suite.runs,
+               "earlier_results_used": [name for name, _rec in earlier],
                "dataset": None if data is None else {"path": str(data), "records": args.count,
                                                      "sides": [args.min_side, args.max_side]}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
