@@ -63,7 +63,7 @@ def test_e2e_mode_runs_the_trainer_on_cpu(dataset: Path) -> None:
     assert rec["batch"] == 8 and rec["micro_batch"] == 4 and rec["accum"] == 2
     assert rec["steps"] == 2 and rec["warmup"] == 1 and rec["steps_applied"] == 2 and rec["loss_finite"]
     assert rec["img_per_s"] > 0 and 0 <= rec["data_wait_fraction"] < 1
-    assert rec["peak_mem_gb"] is None and rec["mfu"] is None
+    assert rec["peak_mem_gb"] is None and rec["device_used_gb"] is None and rec["mfu"] is None
     assert rec["device"] == "cpu" and rec["decode_device"] == "cpu" and rec["zero_stage"] == 2
     # --progress 0.5 (default) puts the steps in PSTS's far stage (id 1).
     assert rec["psts_stage_id"] == 1.0 and abs(rec["progress"] - 0.5) < 0.01

@@ -9,7 +9,9 @@ backward/step and the one host sync per optimizer step. Nothing is checkpointed.
 Prints one JSON line (the last line of stdout; the trainer's own lines go to stderr):
 ``img_per_s`` over the timed steps (after ``--warmup`` untimed ones),
 ``data_wait_fraction`` (time blocked in ``next(pipeline)`` over step time),
-``peak_mem_gb`` (CUDA max allocated over the whole run, null on CPU), ``mfu``
+``peak_mem_gb`` (torch's CUDA max allocated over the whole run, null on CPU; DALI's own
+GPU pools are outside torch's allocator, so ``device_used_gb`` adds the whole device's
+memory in use at the end of the run), ``mfu``
 (null on CPU or an unknown GPU), the device name and package versions.
 """
 from __future__ import annotations
@@ -33,6 +35,14 @@ from selectivemae_ds.benchmark.model import device_name, peak_mem_gb, versions
 # Runs this many times longer than the benchmark, so the PSTS progress t = step / total
 # moves by at most 1% of a run while it is timed.
 PROGRESS_STRETCH = 100
+
+
+def device_used_gb(device: torch.device) -> float | None:
+    """Memory in use on the whole GPU now (torch, DALI, CUDA contexts), GB = 1e9 bytes; None on CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return round((total - free) / 1e9, 3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_for(args: argparse.Namespace, run_dir: Path, device: str, bf16: bool, total: int) -> list[str]:
     """The ``--set`` list that turns the experiment config into this benchmark run."""
-    out = [f"run_dir={run_dir}", f"data.path={args.data}", f"train.steps={total}",
-           "train.picture_every=0", "checkpoint.every_steps=0", "optim.warmup_steps=0",
+    # Counted in steps, always from scratch (a config's epochs and resume = "auto" do not apply).
+    out = [f"run_dir={run_dir}", f"data.path={args.data}", f"train.steps={total}", "train.epochs=0",
+           "checkpoint.resume=", "train.picture_every=0", "checkpoint.every_steps=0", "optim.warmup_steps=0",
            f"train.peak_tflops={args.peak_tflops}",
            # Mixed (nvJPEG) decode feeds a GPU; a CPU run takes the CPU path.
            f"data.device={'gpu' if device == 'cuda' else 'cpu'}",
@@ -156,6 +167,7 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
                 "step_ms_max": round(1e3 * max(step_s), 2),
                 "data_wait_fraction": round(sum(wait_s) / seconds, 4),
                 "peak_mem_gb": peak_mem_gb(trainer.device),
+                "device_used_gb": device_used_gb(trainer.device),
                 "mfu": None if util is None else round(util, 4),
                 "peak_tflops": peak,
                 "flops_per_img": trainer.flops_per_image,
