@@ -163,6 +163,7 @@ def build_dataset(suite: Suite, args: argparse.Namespace) -> tuple[Path | None, 
     root = args.data_dir or Path(tempfile.gettempdir()) / (
         f"smae-gpu-suite-data-{args.count}-{args.min_side}-{args.max_side}")
     if (root / "manifest.json").is_file():
+        print(f"[suite] dataset: reusing {root}", flush=True)
         return root, None
     program = ("from tests.shard_fixtures import build_dataset; "
                f"build_dataset({str(root)!r}, {str(REPO / 'assets' / 'neon')!r}, count={args.count}, shards=4, "
@@ -278,7 +279,7 @@ def earlier_results(out: Path, skip: set[str], device: str) -> list[tuple[str, d
     return found
 
 
-def tables(args: argparse.Namespace, suite: Suite, named: list[tuple[str, dict[str, Any]]]) -> tuple[str, list[dict]]:
+def tables(args: argparse.Namespace, suite: Suite, named: list[tuple[str, dict[str, Any]]]) -> tuple[str, list[dict[str, Any]]]:
     """The markdown summary (targets, then every run) and the target rows as data."""
     records = [rec for _name, rec in named]
     lines = [f"Device: {suite.device_name}; torch {suite.versions['torch']}, deepspeed {suite.versions['deepspeed']}, "
@@ -325,7 +326,9 @@ def _gb(value: float | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the result JSONs")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the result JSONs (default: bench/results; for a dry run a temp folder, "
+                        "so dry-run files never land among the measurements)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the plumbing")
     p.add_argument("--quick", action="store_true", help="toy sizes and step counts (the CPU dry run's)")
     p.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
@@ -368,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_suite: --device cuda but torch sees no CUDA device (use --device cpu --quick for a dry run)",
               file=sys.stderr)
         return 2
+    if args.out is None:
+        dry = args.device != "cuda" or args.quick
+        args.out = Path(tempfile.gettempdir()) / "smae-gpu-suite-dry-run" if dry else REPO / "bench" / "results"
     ds_config = args.deepspeed_config or ("ds_configs/zero2.json" if args.device == "cuda"
                                           else "ds_configs/cpu_smoke.json")
     args.out.mkdir(parents=True, exist_ok=True)
