@@ -17,6 +17,7 @@ The heavy trials (``--heavy-trials N``) draw the moment at random.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -91,12 +92,15 @@ def kill_trial(run: Path, data: Path, moment: str, condition: Callable[[], bool]
                     killed = True
                     break
             time.sleep(0.01)
-        proc.wait(timeout=180)
+        # The launcher normally tears the job down at once; a surviving rank blocked in a
+        # gloo collective can hold it until the collective times out. A cluster's
+        # scheduler would kill such a job; so does the finally clause after 30 s.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        proc.wait()
     if not killed:
         steps = logged_steps(run)
         complete = [p.name for p in checkpoint.list_complete(run / "checkpoints")]
