@@ -267,3 +267,46 @@ def test_gpu_mixed_decode_matches_cpu(dataset: Path,
     assert batch.device.type == "cuda" and batch.shape == (GLOBAL_BATCH, 3, SIZE, SIZE)
     # nvJPEG and libjpeg-turbo IDCTs differ slightly; the box, flip and normalization may not.
     assert (batch.cpu() - ref_images[0]).abs().mean() < 0.05
+
+
+_HOLD_A_PIPELINE = """
+import sys, time
+from selectivemae_ds.data.config import DataConfig
+from selectivemae_ds.data.pipeline import InputPipeline
+
+if __name__ == "__main__":
+    cfg = DataConfig(path=sys.argv[1], img_size=64, workers=2, decode_threads=1, prefetch=1)
+    pipe = InputPipeline(cfg, seed=0, global_batch=8, micro_batch=8, rank=0, world_size=1)
+    next(pipe)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_die_with_a_killed_rank(tmp_path, dataset):
+    """SIGKILL of the process that owns the pipeline (a killed rank) takes its DALI workers
+    with it: left running they would hold the rank's output pipes open, and a remote
+    launcher (pdsh/ssh) would never return."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "hold.py"
+    script.write_text(_HOLD_A_PIPELINE)
+    proc = subprocess.Popen([sys.executable, str(script), str(dataset)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        workers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _gone, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"still running after the rank died: {[c.cmdline() for c in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

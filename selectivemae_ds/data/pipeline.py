@@ -40,9 +40,13 @@ logged: it never stops training and is never silent.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
+import os
+import signal
 import struct
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -65,6 +69,8 @@ SUBSTITUTED_LIST_LEN = 32
 _META_K, _META_INDEX, _META_USED, _META_FLAG = range(4)
 _GRAY = -1  # meta "used record" value of the gray fallback image
 _GRAY_SIDE = 64
+# prctl option (linux/prctl.h): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic);
 # C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
@@ -120,6 +126,23 @@ def _gray_jpeg() -> bytes:
     return buf.getvalue()
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In a DALI worker process: have the kernel SIGKILL it when the rank that spawned it dies.
+
+    A rank killed with SIGKILL (OOM killer, a lost node, a scheduler) cannot stop its
+    workers; left alone they run on and hold the rank's stdout/stderr, which keeps a
+    remote launcher's ssh session (pdsh) and so the whole job from ever returning.
+    Linux only (prctl); elsewhere the workers end when DALI's pipe to them closes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a DALI worker")
+    if os.getppid() != parent_pid:  # the rank died before the signal was armed
+        os._exit(1)
+
+
 class _SampleSource:
     """Per-sample callback of DALI's parallel external_source (runs in worker processes).
 
@@ -147,7 +170,14 @@ class _SampleSource:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_perms"] = {}
+        state["_parent_pid"] = os.getpid()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        parent = state.pop("_parent_pid")
+        self.__dict__.update(state)
+        if os.getpid() != parent:
+            _die_with_parent(parent)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)

@@ -12,8 +12,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="seed of the random kill moments of the heavy trials")
 
 
+# Wall-clock allowance per heavy trial (a 2-rank launch, a kill and a relaunch take about
+# 60 s on 2 cores): the suite-wide --timeout would cut a 20-trial run short.
+SECONDS_PER_HEAVY_TRIAL = 180
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--heavy-trials", default=0) > 0:
+    trials = config.getoption("--heavy-trials", default=0)
+    if trials > 0:
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(pytest.mark.timeout(300 + trials * SECONDS_PER_HEAVY_TRIAL))
         return
     skip = pytest.mark.skip(reason="heavy reliability trial: run with --heavy-trials N")
     for item in items:

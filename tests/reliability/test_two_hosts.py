@@ -27,9 +27,10 @@ The test trains the demo model (4 steps, checkpoints at 2 and 4, ZeRO-2, like
 is COMPLETE, relaunches through the same hostfile with ``--resume auto`` and checks the
 outcome against the session's uninterrupted single-host 2-rank run (``straight_run``).
 
-Found here: the killed rank's DALI worker processes survive it and keep host 2's ssh session
-(and so pdsh and ``deepspeed``) open for good; the test kills them like a node cleanup and
-warns (``kill_host2_rank``).
+Found here and fixed in the pipeline: the killed rank's DALI worker processes survived it and
+kept host 2's ssh session (and so pdsh and ``deepspeed``) open for good; the workers now die
+with their rank, and the test requires that nothing of the killed rank is left
+(``kill_host2_rank``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ import shutil
 import signal
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -324,9 +324,9 @@ def kill_host2_rank(hosts: Hosts, run: Path, data: Path, port: int) -> Kill:
     """Launch on both hosts, SIGKILL host 2's rank once step ``EVERY``'s checkpoint is COMPLETE,
     wait until both hosts' ``launch.py`` have exited, then for the launcher (pdsh) to return.
 
-    The killed rank's DALI worker processes (``py_start_method="spawn"``) outlive it and hold
-    host 2's ssh session open, so pdsh and ``deepspeed`` would never return; after a short grace
-    they are SIGKILLed as a node cleanup would, and named in ``Kill.orphans``. Any other process
+    Processes of the killed rank that outlive it would hold host 2's ssh session open, so pdsh
+    and ``deepspeed`` would never return; after a short grace they are SIGKILLed as a node
+    cleanup would, and named in ``Kill.orphans`` (the test requires none). Any other process
     left behind fails the test."""
     ckpts = run / "checkpoints"
     proc = hosts.launch(run, data, port)
@@ -386,9 +386,10 @@ def test_kill_one_host_rank_then_resume_over_ssh(tmp_path: Path, two_hosts: Host
         "rank 0 did not see host 2's rank go (a gloo error naming its veth address)"
     assert k.complete == [checkpoint.tag_for(EVERY)], f"complete at the kill: {k}"
     assert k.launcher_rc != 0, "the launcher reported success after a rank was killed"
-    if k.orphans:
-        warnings.warn(f"host 2 kept {len(k.orphans)} processes of the killed rank (DALI workers) that held "
-                      f"its ssh session and the launcher open until killed: {k.orphans}")
+    # The pipeline's workers die with their rank (PR_SET_PDEATHSIG); before that fix they held
+    # host 2's ssh session, and so pdsh and the launcher, open indefinitely.
+    assert not k.orphans, f"host 2 kept {len(k.orphans)} processes of the killed rank that held its ssh " \
+        f"session and the launcher open until killed: {k.orphans}"
 
     second = two_hosts.launch(run, launch_dataset, 29501, "--resume", "auto")
     try:
