@@ -266,28 +266,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ValueError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+    if hint in (int, float):
+        # int fields take ints (or their text); float fields also take ints. bool is an int
+        # subclass in Python but never a number here.
+        what = "an integer" if hint is int else "a number"
+        accepted = (int,) if hint is int else (int, float)
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return hint(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return hint(value)
             except ValueError as e:
-                raise ValueError(f"{key}: expected an integer, got {value!r}") from e
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError as e:
-                raise ValueError(f"{key}: expected a number, got {value!r}") from e
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+                raise ValueError(f"{key}: expected {what}, got {value!r}") from e
+        raise ValueError(f"{key}: expected {what}, got {value!r}")
     if hint is str:
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")

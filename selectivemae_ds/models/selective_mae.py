@@ -109,27 +109,13 @@ class PretrainModel(nn.Module):
         self.num_patches = self.encoder.num_patches
         self.num_visible, self.num_targets = masking_cfg.counts(self.method, self.num_patches)
         depth = model_cfg.resolved_decoder_depth()
+        common = dict(encoder_dim=self.encoder.embed_dim, dim=model_cfg.decoder_dim, depth=depth,
+                      num_heads=model_cfg.decoder_heads, grid=self.encoder.grid, patch_size=self.patch_size,
+                      attn_impl=model_cfg.attn_impl)
         if self.method == "mae":
-            self.decoder: nn.Module = SelfAttentionDecoder(
-                self.encoder.embed_dim,
-                model_cfg.decoder_dim,
-                depth,
-                model_cfg.decoder_heads,
-                self.encoder.grid,
-                self.patch_size,
-                attn_impl=model_cfg.attn_impl,
-            )
+            self.decoder: nn.Module = SelfAttentionDecoder(**common)
         else:
-            self.decoder = CrossAttentionDecoder(
-                self.encoder.embed_dim,
-                model_cfg.decoder_dim,
-                depth,
-                model_cfg.decoder_heads,
-                self.encoder.grid,
-                self.patch_size,
-                self_attn=model_cfg.decoder_self_attn,
-                attn_impl=model_cfg.attn_impl,
-            )
+            self.decoder = CrossAttentionDecoder(**common, self_attn=model_cfg.decoder_self_attn)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (as in `named_parameters`) exempt from weight decay: the tokens.
