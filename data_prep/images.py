@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.phash import HASH_SIZE, phash_blocks
+from selectivemae_ds.errors import ConfigError
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
 """Pillow plugins allowed to parse inputs: limits the parsers exposed to untrusted files.
@@ -70,7 +71,8 @@ Image.MAX_IMAGE_PIXELS = None
 
 @dataclass(frozen=True)
 class PackOptions:
-    """Per-image processing options (part of the resume fingerprint)."""
+    """Per-image processing options (part of the resume fingerprint); invalid values raise
+    :class:`ConfigError` naming the flag."""
 
     min_side: int = DEFAULT_MIN_SIDE
     """Inputs whose shorter side is below this are skipped as ``too_small``."""
@@ -83,17 +85,17 @@ class PackOptions:
 
     def __post_init__(self) -> None:
         if self.min_side < 1:
-            raise ValueError(f"--min-side must be >= 1, got {self.min_side}")
+            raise ConfigError(f"--min-side must be >= 1, got {self.min_side}")
         if self.max_side > 65535:
-            raise ValueError(f"--max-side must be <= 65535 (stored as uint16), got {self.max_side}")
+            raise ConfigError(f"--max-side must be <= 65535 (stored as uint16), got {self.max_side}")
         if 2 * self.min_side > self.max_side:
-            raise ValueError(
+            raise ConfigError(
                 f"--min-side ({self.min_side}) must be at most half of --max-side ({self.max_side}): "
                 "tiles of a sliced image can be as small as just over max-side/2")
         if self.max_pixels < self.min_side * self.min_side:
-            raise ValueError(f"--max-pixels ({self.max_pixels}) is below min-side^2")
+            raise ConfigError(f"--max-pixels ({self.max_pixels}) is below min-side^2")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+            raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
 
 
 @dataclass
