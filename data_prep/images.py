@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,56 @@ DEFAULT_JPEG_QUALITY = 95
 # Pillow's in place would turn large legitimate scenes into warnings or errors that do
 # not follow --max-pixels.
 Image.MAX_IMAGE_PIXELS = None
+
+HEAD_BYTES = 64 * 1024
+"""Bytes read first from every input: the signature and, for all but odd TIFFs, the header."""
+MAX_BYTES_PER_PIXEL = 16
+"""Most bytes an accepted file may spend per declared pixel of its first frame: twice the
+densest layout Pillow opens (uncompressed 16-bit RGBA, 8 bytes), for extra pages/overviews."""
+HEADER_SLACK_BYTES = 16 * 1024 * 1024
+"""Metadata allowance on top of the pixels (EXIF, ICC, XMP, GeoTIFF tags, thumbnails); also
+how far into a non-TIFF file its header (the image size) may lie."""
+
+Image.init()
+_ACCEPTS = tuple((fmt, Image.OPEN[fmt][1]) for fmt in ACCEPTED_FORMATS)
+"""Pillow's own signature tests of the accepted formats (what ``Image.open`` tries)."""
+
+
+def signature_format(head: bytes) -> str | None:
+    """The accepted format whose signature the first bytes carry, else None."""
+    prefix = head[:16]
+    for fmt, accept in _ACCEPTS:
+        if accept(prefix):
+            return fmt
+    return None
+
+
+def not_image_detail(head: bytes) -> str:
+    """The skip detail of a ``not_image`` input: deterministic (no object addresses)."""
+    return (f"no accepted format ({', '.join(ACCEPTED_FORMATS)}) recognises the content; "
+            f"it starts with {head[:8].hex(' ') or 'nothing'}")
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str | None:
+    """The ``too_large_pixels`` detail when ``width x height`` exceeds the limit, else None."""
+    if width * height > max_pixels:
+        return f"{width}x{height} = {width * height} px > {max_pixels}"
+    return None
+
+
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by the header within ``head``, or None when it does not parse
+    from these bytes alone (a TIFF whose directory lies further into the file)."""
+    try:
+        with Image.open(io.BytesIO(head), formats=ACCEPTED_FORMATS) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error):
+        return None
+
+
+def byte_budget(width: int, height: int) -> int:
+    """Most bytes an accepted file declaring ``width x height`` may hold."""
+    return width * height * MAX_BYTES_PER_PIXEL + HEADER_SLACK_BYTES
 
 
 @dataclass(frozen=True)
@@ -182,8 +233,9 @@ def process_image(data: bytes, source: str, opts: PackOptions) -> Outcome:
         return Outcome(reason="empty", detail="zero-byte file")
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except UnidentifiedImageError as e:
-        return Outcome(reason="not_image", detail=str(e))
+    except UnidentifiedImageError:
+        # Pillow's own text names the BytesIO object's address: not reproducible.
+        return Outcome(reason="not_image", detail=not_image_detail(data))
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
         # Pillow reports a header it recognised but cannot parse with a wide range of
         # exception types; all mean the file is damaged.
@@ -192,9 +244,9 @@ def process_image(data: bytes, source: str, opts: PackOptions) -> Outcome:
         width, height = im.size
         if width <= 0 or height <= 0:
             return Outcome(reason="corrupt", detail=f"header declares {width}x{height}")
-        if width * height > opts.max_pixels:
-            return Outcome(reason="too_large_pixels",
-                           detail=f"{width}x{height} = {width * height} px > {opts.max_pixels}")
+        too_large = too_many_pixels(width, height, opts.max_pixels)
+        if too_large is not None:
+            return Outcome(reason="too_large_pixels", detail=too_large)
         if min(width, height) < opts.min_side:
             return Outcome(reason="too_small", detail=f"{width}x{height}, min side {opts.min_side}")
         sliced = max(width, height) > opts.max_side

@@ -311,7 +311,7 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
     ``Pool.imap`` whose feeder would read every tar member into memory up front.
     """
     n_batches = math.ceil(len(items) / batch) if items else 0
-    tars = TarReader()
+    tars = TarReader(options.max_pixels)
 
     def preread(chunk: list[InputItem]) -> dict[int, bytes | tuple[str, str]]:
         return _preread_tar(tars, chunk)
@@ -369,7 +369,7 @@ def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int
             # it is recomputed rather than failing the run.
             worker.init_worker(options, str(out))
             chunk = items[b * batch:(b + 1) * batch]
-            tars = TarReader()
+            tars = TarReader(options.max_pixels)
             try:
                 pre = _preread_tar(tars, chunk)
             finally:
