@@ -137,7 +137,7 @@ def test_kill_at_several_moments_then_rerun_equals_uninterrupted(tmp_path: Path,
     assert res.returncode == 0, res.stderr
     assert "resume" in res.stdout or "already complete" in res.stdout
     assert not work.exists()
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == ["manifest.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == [".lock", "manifest.json"]
     assert _records(out) == _records(ref)
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     stats = _manifest(ref)["stats"]
