@@ -69,6 +69,11 @@ DEFAULT_JPEG_QUALITY = 95
 # not follow --max-pixels.
 Image.MAX_IMAGE_PIXELS = None
 
+DAMAGED_FILE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
+"""What Pillow raises for a header it recognised but cannot parse, or data it cannot decode:
+all mean the file is damaged."""
+
 HEAD_BYTES = 64 * 1024
 """Bytes read first from every input: the signature and, for all but odd TIFFs, the header."""
 MAX_BYTES_PER_PIXEL = 16
@@ -111,7 +116,7 @@ def header_size(head: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(head), formats=ACCEPTED_FORMATS) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error):
+    except DAMAGED_FILE_ERRORS:
         return None
 
 
@@ -236,9 +241,7 @@ def process_image(data: bytes, source: str, opts: PackOptions) -> Outcome:
     except UnidentifiedImageError:
         # Pillow's own text names the BytesIO object's address: not reproducible.
         return Outcome(reason="not_image", detail=not_image_detail(data))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
-        # Pillow reports a header it recognised but cannot parse with a wide range of
-        # exception types; all mean the file is damaged.
+    except DAMAGED_FILE_ERRORS as e:
         return Outcome(reason="corrupt", detail=f"{type(e).__name__}: {e}")
     with im:
         width, height = im.size
@@ -268,6 +271,6 @@ def process_image(data: bytes, source: str, opts: PackOptions) -> Outcome:
                 name = f"{source}#{box[0]},{box[1]},{box[2]},{box[3]}" if sliced else source
                 records.append(Record(encode_jpeg(tile, opts.jpeg_quality), box[3] - box[1], box[2] - box[0],
                                       int(h), name))
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
+        except DAMAGED_FILE_ERRORS as e:
             return Outcome(reason="corrupt", detail=f"{type(e).__name__}: {e}")
     return Outcome(records=records, sliced=sliced)
