@@ -45,6 +45,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,8 +115,11 @@ def header_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) declared by the header within ``head``, or None when it does not parse
     from these bytes alone (a TIFF whose directory lies further into the file)."""
     try:
-        with Image.open(io.BytesIO(head), formats=ACCEPTED_FORMATS) as im:
-            return im.size
+        with warnings.catch_warnings():
+            # A cut-off TIFF directory makes Pillow warn about "corrupt EXIF data": expected here.
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head), formats=ACCEPTED_FORMATS) as im:
+                return im.size
     except DAMAGED_FILE_ERRORS:
         return None
 
