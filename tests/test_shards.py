@@ -111,12 +111,15 @@ def test_reader_and_verify_report_the_same_shard_problem(tmp_path, capsys):
     assert f"  {line}\n" in capsys.readouterr().err
 
 
-def test_manifest_is_written_with_the_usual_permissions(tmp_path):
-    """It was created by mkstemp (0600): other users of a shared dataset could not read it."""
+def test_dataset_is_written_with_the_usual_permissions(tmp_path):
+    """The manifest was created by mkstemp (0600) and each shard directory by mkdtemp (0700):
+    other users of a shared dataset could not read it."""
     old = os.umask(0o022)
     try:
         _two_shard_dataset(tmp_path)
     finally:
         os.umask(old)
     assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+    for s in range(2):
+        assert (tmp_path / shard_name(s)).stat().st_mode & 0o777 == 0o755
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -151,8 +151,11 @@ class ShardWriter:
         if final.exists():
             spool_path.unlink(missing_ok=True)
             raise FileExistsError(f"{final} already exists")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.out_dir))
+        # Not mkdtemp: its 0700 would survive the rename and lock other users out of the
+        # dataset. A leftover of this name is an interrupted writer's, removed on resume.
+        tmp = self.out_dir / f".{self.name}.{os.getpid()}.partial"
         try:
+            tmp.mkdir()
             arrays = {
                 "offsets": np.asarray(self._offsets, dtype=np.int64),
                 "height": np.asarray(self._height, dtype=np.uint16),
