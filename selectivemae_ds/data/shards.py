@@ -419,8 +419,7 @@ def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIn
         return None, [ShardProblem(name, f"index arrays do not hold the manifest's {n} records")]
     problems = []
     if index_digest(arrays) != entry["index_sha256"]:
-        problems.append(ShardProblem(name, "index digest does not match the manifest (index corrupted: "
-                                           "offsets, sizes, hashes or crc32 altered)"))
+        problems.append(ShardProblem(name, "index digest does not match the manifest (index corrupted)"))
     heap_size = int(heap.shape[0])
     if heap_size != entry["bytes"]:
         problems.append(ShardProblem(name, f"heap holds {heap_size} bytes, the manifest says {entry['bytes']}"))
