@@ -8,8 +8,11 @@ Two forms::
 ``verify`` is recognised as the first argument only; a source directory literally named
 ``verify`` can be given as ``./verify``.
 
-Exit status: 0 success; 1 ``verify`` found problems; 2 usage error or a condition the
-user must resolve (message says how); 130 interrupted (rerun the same command to resume).
+Exit status (the project's table, :mod:`selectivemae_ds.errors`): 0 success; 2 usage or
+configuration error (bad flag, unusable ``--out``, ``--out`` holding other work); 3 data
+error (no inputs, every input skipped, ``verify`` found problems); 5 the run had to stop
+(``--out`` locked by another run, disk full, a worker killed: rerun the same command to
+resume); 130 interrupted (rerun the same command to resume); 1 a bug (traceback).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from data_prep.images import (
     DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, PackOptions,
 )
 from data_prep.pack import (
-    DEFAULT_DEDUP_DISTANCE, DEFAULT_IMAGES_PER_SHARD, PackConfig, PackError, format_summary, pack, write_report,
+    DEFAULT_DEDUP_DISTANCE, DEFAULT_IMAGES_PER_SHARD, PackConfig, format_summary, pack, write_report,
 )
 from data_prep.verify import format_result, verify_dataset
+from selectivemae_ds.errors import EXIT_DATA, run_cli
 
 
 def _dedup_distance(text: str) -> int:
@@ -46,6 +50,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from e
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text}")
     return value
 
 
@@ -92,6 +106,9 @@ def pack_parser() -> argparse.ArgumentParser:
                    help="write the run summary as JSON (counts, skip reasons with sample paths, seconds)")
     p.add_argument("--restart", action="store_true",
                    help="discard an unfinished or finished earlier run in --out instead of resuming it")
+    p.add_argument("--wait-lock", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="when another smae-pack run holds --out, wait up to SECONDS for it to finish "
+                        "(default %(default)s: refuse at once, naming the holder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -101,8 +118,8 @@ def verify_parser() -> argparse.ArgumentParser:
         prog="smae-pack verify",
         description=("Check a packed dataset: manifest, schema version, index arrays and digests, "
                      "offsets, crc32 of every record, and that every record decodes as a JPEG of the "
-                     "stored size. Exit 0 when sound; exit 1 listing each problem with its shard and "
-                     "record."),
+                     "stored size. Exit 0 when sound; exit 3 listing each problem with its shard and "
+                     "record (an empty dataset fails too)."),
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="dataset directory written by smae-pack")
     return p
@@ -112,25 +129,18 @@ def _verify(argv: list[str]) -> int:
     args = verify_parser().parse_args(argv)
     res = verify_dataset(args.dir)
     print(format_result(args.dir, res), file=sys.stdout if res.ok else sys.stderr)
-    return 0 if res.ok else 1
+    return 0 if res.ok else EXIT_DATA
 
 
 def _pack(argv: list[str]) -> int:
     args = pack_parser().parse_args(argv)
-    try:
-        options = PackOptions(min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels,
-                              jpeg_quality=args.jpeg_quality)
-    except ValueError as e:
-        print(f"smae-pack: error: {e}", file=sys.stderr)
-        return 2
+    options = PackOptions(min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels,
+                          jpeg_quality=args.jpeg_quality)
     cfg = PackConfig(sources=list(args.sources), out=args.out, workers=args.workers,
                      images_per_shard=args.images_per_shard, dedup_distance=args.dedup_distance,
-                     options=options, restart=args.restart, progress=not args.quiet)
+                     options=options, restart=args.restart, progress=not args.quiet, wait_lock=args.wait_lock)
     try:
         doc = pack(cfg)
-    except PackError as e:
-        print(f"smae-pack: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("smae-pack: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -142,12 +152,16 @@ def _pack(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
         return _verify(argv[1:])
     return _pack(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (errors print ``<kind> error: <message>``)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,15 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_prep.phash import HASH_SIZE, phash_blocks
+from selectivemae_ds.errors import ConfigError
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF")
 """Pillow plugins allowed to parse inputs: limits the parsers exposed to untrusted files.
@@ -67,10 +70,69 @@ DEFAULT_JPEG_QUALITY = 95
 # not follow --max-pixels.
 Image.MAX_IMAGE_PIXELS = None
 
+DAMAGED_FILE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error)
+"""What Pillow raises for a header it recognised but cannot parse, or data it cannot decode:
+all mean the file is damaged."""
+
+HEAD_BYTES = 64 * 1024
+"""Bytes read first from every input: the signature and, for all but odd TIFFs, the header."""
+MAX_BYTES_PER_PIXEL = 16
+"""Most bytes an accepted file may spend per declared pixel of its first frame: twice the
+densest layout Pillow opens (uncompressed 16-bit RGBA, 8 bytes), for extra pages/overviews."""
+HEADER_SLACK_BYTES = 16 * 1024 * 1024
+"""Metadata allowance on top of the pixels (EXIF, ICC, XMP, GeoTIFF tags, thumbnails); also
+how far into a non-TIFF file its header (the image size) may lie."""
+
+Image.init()
+_ACCEPTS = tuple((fmt, Image.OPEN[fmt][1]) for fmt in ACCEPTED_FORMATS)
+"""Pillow's own signature tests of the accepted formats (what ``Image.open`` tries)."""
+
+
+def signature_format(head: bytes) -> str | None:
+    """The accepted format whose signature the first bytes carry, else None."""
+    prefix = head[:16]
+    for fmt, accept in _ACCEPTS:
+        if accept(prefix):
+            return fmt
+    return None
+
+
+def not_image_detail(head: bytes) -> str:
+    """The skip detail of a ``not_image`` input: deterministic (no object addresses)."""
+    return (f"no accepted format ({', '.join(ACCEPTED_FORMATS)}) recognises the content; "
+            f"it starts with {head[:8].hex(' ') or 'nothing'}")
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str | None:
+    """The ``too_large_pixels`` detail when ``width x height`` exceeds the limit, else None."""
+    if width * height > max_pixels:
+        return f"{width}x{height} = {width * height} px > {max_pixels}"
+    return None
+
+
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by the header within ``head``, or None when it does not parse
+    from these bytes alone (a TIFF whose directory lies further into the file)."""
+    try:
+        with warnings.catch_warnings():
+            # A cut-off TIFF directory makes Pillow warn about "corrupt EXIF data": expected here.
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(head), formats=ACCEPTED_FORMATS) as im:
+                return im.size
+    except DAMAGED_FILE_ERRORS:
+        return None
+
+
+def byte_budget(width: int, height: int) -> int:
+    """Most bytes an accepted file declaring ``width x height`` may hold."""
+    return width * height * MAX_BYTES_PER_PIXEL + HEADER_SLACK_BYTES
+
 
 @dataclass(frozen=True)
 class PackOptions:
-    """Per-image processing options (part of the resume fingerprint)."""
+    """Per-image processing options (part of the resume fingerprint); invalid values raise
+    :class:`ConfigError` naming the flag."""
 
     min_side: int = DEFAULT_MIN_SIDE
     """Inputs whose shorter side is below this are skipped as ``too_small``."""
@@ -83,17 +145,17 @@ class PackOptions:
 
     def __post_init__(self) -> None:
         if self.min_side < 1:
-            raise ValueError(f"--min-side must be >= 1, got {self.min_side}")
+            raise ConfigError(f"--min-side must be >= 1, got {self.min_side}")
         if self.max_side > 65535:
-            raise ValueError(f"--max-side must be <= 65535 (stored as uint16), got {self.max_side}")
+            raise ConfigError(f"--max-side must be <= 65535 (stored as uint16), got {self.max_side}")
         if 2 * self.min_side > self.max_side:
-            raise ValueError(
+            raise ConfigError(
                 f"--min-side ({self.min_side}) must be at most half of --max-side ({self.max_side}): "
                 "tiles of a sliced image can be as small as just over max-side/2")
         if self.max_pixels < self.min_side * self.min_side:
-            raise ValueError(f"--max-pixels ({self.max_pixels}) is below min-side^2")
+            raise ConfigError(f"--max-pixels ({self.max_pixels}) is below min-side^2")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+            raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
 
 
 @dataclass
@@ -180,19 +242,18 @@ def process_image(data: bytes, source: str, opts: PackOptions) -> Outcome:
         return Outcome(reason="empty", detail="zero-byte file")
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except UnidentifiedImageError as e:
-        return Outcome(reason="not_image", detail=str(e))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
-        # Pillow reports a header it recognised but cannot parse with a wide range of
-        # exception types; all mean the file is damaged.
+    except UnidentifiedImageError:
+        # Pillow's own text names the BytesIO object's address: not reproducible.
+        return Outcome(reason="not_image", detail=not_image_detail(data))
+    except DAMAGED_FILE_ERRORS as e:
         return Outcome(reason="corrupt", detail=f"{type(e).__name__}: {e}")
     with im:
         width, height = im.size
         if width <= 0 or height <= 0:
             return Outcome(reason="corrupt", detail=f"header declares {width}x{height}")
-        if width * height > opts.max_pixels:
-            return Outcome(reason="too_large_pixels",
-                           detail=f"{width}x{height} = {width * height} px > {opts.max_pixels}")
+        too_large = too_many_pixels(width, height, opts.max_pixels)
+        if too_large is not None:
+            return Outcome(reason="too_large_pixels", detail=too_large)
         if min(width, height) < opts.min_side:
             return Outcome(reason="too_small", detail=f"{width}x{height}, min side {opts.min_side}")
         sliced = max(width, height) > opts.max_side
@@ -214,6 +275,6 @@ def process_image(data: bytes, source: str, opts: PackOptions) -> Outcome:
                 name = f"{source}#{box[0]},{box[1]},{box[2]},{box[3]}" if sliced else source
                 records.append(Record(encode_jpeg(tile, opts.jpeg_quality), box[3] - box[1], box[2] - box[0],
                                       int(h), name))
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as e:
+        except DAMAGED_FILE_ERRORS as e:
             return Outcome(reason="corrupt", detail=f"{type(e).__name__}: {e}")
     return Outcome(records=records, sliced=sliced)

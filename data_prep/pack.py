@@ -10,6 +10,11 @@ Pipeline::
          per shard, each finalized by atomic rename and logged in the work directory
       -> manifest.json (the commit point) -> work directory removed
 
+The whole run holds an exclusive lock on ``--out`` (:class:`selectivemae_ds.locking.DirLock`,
+``OUT/.lock``): a second run on the same directory refuses at once naming the holder, or
+waits ``--wait-lock`` seconds. The kernel drops the lock when the holder dies (kill -9
+included), so the rerun after a crash resumes without any cleanup.
+
 Why the output cannot depend on N: every decision that shapes the output (the record
 order, dedup, the shard boundaries) is taken by the main process in batch order; workers
 only compute pure functions of their inputs. Batch size is a function of the number of
@@ -23,6 +28,7 @@ removed and written again, as are temporary files of an interrupted writer.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing
@@ -45,9 +51,12 @@ from data_prep.dedup import NearDuplicateIndex
 from data_prep.images import PackOptions
 from data_prep.sources import KIND_TAR, InputItem, InputReadError, TarReader, describe_sources, enumerate_inputs
 from data_prep.work import WORK_DIR_NAME, WorkDir, fingerprint_of
+from selectivemae_ds.atomic import atomic_write_text, check_writable_dir
 from selectivemae_ds.data.shards import (
     MANIFEST_NAME, SCHEMA_VERSION, ShardInfo, ShardWriter, read_manifest, shard_name, write_manifest,
 )
+from selectivemae_ds.errors import ConfigError, DataError, RunError
+from selectivemae_ds.locking import LOCK_NAME, DirLock
 
 DEFAULT_IMAGES_PER_SHARD = 4096
 DEFAULT_DEDUP_DISTANCE = 4
@@ -62,10 +71,6 @@ REPORTED_REASONS: tuple[str, ...] = (
 
 _SHARD_DIR = re.compile(r"shard-\d{5}\.zarr")
 _OUR_TEMP_PREFIXES = (".shard-", ".manifest.")
-
-
-class PackError(RuntimeError):
-    """A problem the user must act on (message says how); the CLI prints it, exit 2."""
 
 
 @dataclass
@@ -88,6 +93,8 @@ class PackConfig:
     """Discard an earlier run's state in ``out`` instead of resuming it."""
     progress: bool = True
     """Show a tqdm progress bar on stderr."""
+    wait_lock: float = 0.0
+    """Seconds to wait for another run holding ``out`` to finish; 0 refuses at once."""
 
 
 def batch_size_for(n_inputs: int) -> int:
@@ -216,7 +223,7 @@ def _describe(cfg: PackConfig, items: list[InputItem], batch: int) -> dict[str, 
 
 
 def _is_ours(name: str) -> bool:
-    return (name in (MANIFEST_NAME, WORK_DIR_NAME) or _SHARD_DIR.fullmatch(name) is not None
+    return (name in (MANIFEST_NAME, WORK_DIR_NAME, LOCK_NAME) or _SHARD_DIR.fullmatch(name) is not None
             or name.startswith(_OUR_TEMP_PREFIXES))
 
 
@@ -228,8 +235,10 @@ def _remove(path: Path) -> None:
 
 
 def _clear_ours(out: Path) -> None:
+    # The lock file stays: this run holds it, and unlinking a held lock file would let a
+    # second run lock a fresh file of the same name.
     for p in sorted(out.iterdir()):
-        if _is_ours(p.name):
+        if _is_ours(p.name) and p.name != LOCK_NAME:
             _remove(p)
 
 
@@ -238,29 +247,26 @@ def _prepare_out(cfg: PackConfig, fingerprint: str, description: dict[str, Any])
     "resumed run" or "complete"."""
     out = cfg.out
     work = WorkDir(out)
-    if out.exists() and not out.is_dir():
-        raise PackError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     has_manifest = (out / MANIFEST_NAME).is_file()
     if cfg.restart:
         _clear_ours(out)
     elif work.exists():
         previous = work.read_fingerprint()
         if previous is not None and previous != fingerprint:
-            raise PackError(
+            raise ConfigError(
                 f"{out} holds an unfinished run with different inputs or options. Rerun the original "
                 "command to finish it, use a fresh --out, or add --restart to discard it.")
     elif has_manifest:
         params = read_manifest(out).get("params", {})
         if params.get("fingerprint") == fingerprint:
             return "complete"
-        raise PackError(
+        raise ConfigError(
             f"{out} already holds a dataset packed from different inputs or options. "
             "Use a fresh --out, or add --restart to replace it.")
     else:
         foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name))
         if foreign:
-            raise PackError(f"--out {out} is not empty and was not written by smae-pack "
+            raise ConfigError(f"--out {out} is not empty and was not written by smae-pack "
                             f"(found {foreign[:3]}); choose an empty or new directory")
     resumed = work.exists() and work.read_fingerprint() == fingerprint
     if not resumed:
@@ -305,7 +311,7 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
     ``Pool.imap`` whose feeder would read every tar member into memory up front.
     """
     n_batches = math.ceil(len(items) / batch) if items else 0
-    tars = TarReader()
+    tars = TarReader(options.max_pixels)
 
     def preread(chunk: list[InputItem]) -> dict[int, bytes | tuple[str, str]]:
         return _preread_tar(tars, chunk)
@@ -342,7 +348,7 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
                     b, pending = window.popleft()
                     yield b, pending.result() if isinstance(pending, Future) else pending
             except BrokenProcessPool as e:
-                raise PackError("a worker process died (killed or out of memory); rerun the same "
+                raise RunError("a worker process died (killed or out of memory); rerun the same "
                                 "command to resume from the last committed batch") from e
             finally:
                 for _b, pending in window:
@@ -363,14 +369,14 @@ def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int
             # it is recomputed rather than failing the run.
             worker.init_worker(options, str(out))
             chunk = items[b * batch:(b + 1) * batch]
-            tars = TarReader()
+            tars = TarReader(options.max_pixels)
             try:
                 pre = _preread_tar(tars, chunk)
             finally:
                 tars.close()
             fresh = worker.process_batch(b, chunk, pre)
             if fresh["items"] != meta["items"]:
-                raise PackError(f"batch {b} recomputed differently from its committed result: "
+                raise DataError(f"batch {b} recomputed differently from its committed result: "
                                 "inputs changed during the run; rerun with --restart")
             return work.read_payload(b, fresh)
     return load
@@ -402,27 +408,60 @@ def format_summary(doc: dict[str, Any]) -> str:
             f"  output: {doc['out']}")
 
 
-def pack(cfg: PackConfig) -> dict[str, Any]:
-    """Run (or resume, or confirm) a packing job; return the summary document."""
-    t0 = time.monotonic()
+def _check_config(cfg: PackConfig) -> None:
     if cfg.images_per_shard < 1:
-        raise PackError(f"--images-per-shard must be >= 1, got {cfg.images_per_shard}")
+        raise ConfigError(f"--images-per-shard must be >= 1, got {cfg.images_per_shard}")
     if cfg.workers < 1:
-        raise PackError(f"--workers must be >= 1, got {cfg.workers}")
+        raise ConfigError(f"--workers must be >= 1, got {cfg.workers}")
     if cfg.dedup_distance > 32:
-        raise PackError(f"--dedup-distance above 32 would call unrelated images duplicates "
-                        f"(got {cfg.dedup_distance})")
+        raise ConfigError(f"--dedup-distance above 32 would call unrelated images duplicates "
+                          f"(got {cfg.dedup_distance})")
+    if cfg.wait_lock < 0:
+        raise ConfigError(f"--wait-lock must be >= 0 seconds, got {cfg.wait_lock}")
     for src in cfg.sources:
         if not os.path.lexists(src):
-            raise PackError(f"input {src!r} does not exist")
+            raise ConfigError(f"input {src!r} does not exist")
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def pack(cfg: PackConfig) -> dict[str, Any]:
+    """Run (or resume, or confirm) a packing job; return the summary document.
+
+    Raises :class:`ConfigError` for bad options and an unusable ``--out`` (checked before any
+    work), :class:`RunError` when another run holds ``--out`` or the disk fills up (rerun the
+    same command to resume), :class:`DataError` when the inputs yield no record.
+    """
+    t0 = time.monotonic()
+    _check_config(cfg)
+    cfg.out = Path(cfg.out)
+    check_writable_dir(cfg.out, "--out")
+    with DirLock(cfg.out, "smae-pack --out", wait=cfg.wait_lock):
+        try:
+            return _pack_locked(cfg, t0)
+        except OSError as e:
+            if e.errno in OUT_OF_SPACE:
+                where = e.filename or cfg.out
+                raise RunError(f"no space left on device ({errno.errorcode[e.errno]}) writing {where}; free "
+                               f"space under {cfg.out} (or use another --out) and rerun the same command to "
+                               "resume") from e
+            if e.errno == errno.EROFS:
+                raise ConfigError(f"--out {cfg.out} became read-only (EROFS) writing {e.filename or cfg.out}") from e
+            raise
+
+
+def _pack_locked(cfg: PackConfig, t0: float) -> dict[str, Any]:
     if cfg.progress:
         print("smae-pack: listing inputs...", file=sys.stderr, flush=True)
     enum = enumerate_inputs(list(cfg.sources))
     items = enum.items
+    if not items:
+        raise DataError(f"no inputs: {', '.join(map(str, cfg.sources))} hold no image or archive file "
+                        f"({enum.ignored} file(s) ignored by name); nothing was packed")
     batch = batch_size_for(len(items))
     description = _describe(cfg, items, batch)
     fingerprint = fingerprint_of(description)
-    cfg.out = Path(cfg.out)
     state = _prepare_out(cfg, fingerprint, description)
     if state == "complete":
         manifest = read_manifest(cfg.out)
@@ -449,15 +488,19 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
         bar.close()
     stats = asm.stats.to_json()
     stats["ignored_files"] = enum.ignored
+    if not shards:
+        reasons = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v)
+        raise DataError(f"no records: every one of the {stats['inputs']} input(s) was skipped ({reasons}); "
+                        "no dataset was written (run with --report FILE to see sample sources per reason)")
     params = dict(description)
     params["fingerprint"] = fingerprint
-    seconds = time.monotonic() - t0
-    write_manifest(cfg.out, shards, params, {**stats, "seconds": round(seconds, 3)})
+    # No timing in the manifest: the same inputs and options give a byte-identical file.
+    write_manifest(cfg.out, shards, params, stats)
     work.remove()
-    return summary_from(stats, len(shards), seconds, cfg.out, cfg.workers, enum.ignored, state)
+    return summary_from(stats, len(shards), time.monotonic() - t0, cfg.out, cfg.workers, enum.ignored, state)
 
 
 def write_report(path: Path, doc: dict[str, Any]) -> None:
-    """Write the report JSON (plain write: it is a log, not part of the dataset)."""
+    """Write the report JSON (the project's one atomic write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

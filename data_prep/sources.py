@@ -16,6 +16,13 @@ through its original bytes, so such files are packed, not lost.
 Directory symlinks are not followed (a link loop cannot hang the walk); file
 symlinks are followed, and a dangling one is reported as ``unreadable``. Only
 regular files are ever opened: a FIFO named ``x.jpg`` would otherwise block.
+
+Reading an input (file, zip or tar member) is bounded by :func:`read_capped`: the first
+64 KiB are read, an input without an accepted image signature stops there (``not_image``),
+one whose header declares too many pixels stops there (``too_large_pixels``), and the rest
+is read only up to what the declared size could need (``too_large_file`` past it). A zip
+"bomb" of zeros named ``.png`` costs one 64 KiB inflate per member, not gigabytes; one
+behind a valid 64x64 PNG header costs ~16 MiB.
 """
 from __future__ import annotations
 
@@ -26,6 +33,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from data_prep.images import (
+    HEAD_BYTES, HEADER_SLACK_BYTES, byte_budget, header_size, not_image_detail, signature_format, too_many_pixels,
+)
 
 IMAGE_EXTENSIONS: frozenset[bytes] = frozenset(
     {b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".tif", b".tiff", b".bmp", b".webp", b".gif"}
@@ -284,6 +296,47 @@ class InputReadError(Exception):
         self.detail = detail
 
 
+def read_capped(f: BinaryIO, max_pixels: int) -> bytes:
+    """The bytes of one input, read no further than an image of its declared size needs.
+
+    Reads 64 KiB first; more only while the header (the image size) has not parsed, in
+    doubling windows. Raises :class:`InputReadError`, without reading the rest, with
+    ``not_image`` (no accepted signature), ``too_large_pixels`` (the header declares more
+    than ``max_pixels``), ``corrupt`` (no header within 16 MiB; TIFF excepted, whose
+    directory may lie anywhere) or ``too_large_file`` (more bytes than the declared size can
+    need: :func:`data_prep.images.byte_budget`; without a header, that of ``max_pixels``,
+    and never more than ``MAX_INPUT_BYTES``).
+    """
+    head = f.read(HEAD_BYTES)
+    if not head:
+        return head
+    fmt = signature_format(head)
+    if fmt is None:
+        raise InputReadError("not_image", not_image_detail(head))
+    cap = min(MAX_INPUT_BYTES, byte_budget(max_pixels, 1))
+    if len(head) < HEAD_BYTES:
+        return head  # the whole input; the decoder checks everything else
+    while (size := header_size(head)) is None:
+        if fmt != "TIFF" and len(head) >= HEADER_SLACK_BYTES:
+            raise InputReadError("corrupt", f"{fmt} signature but no image header in the first {len(head)} bytes")
+        if len(head) > cap:
+            raise InputReadError("too_large_file", f"more than {cap} bytes without a parsable {fmt} header; "
+                                                   "not read further")
+        more = f.read(min(len(head), cap + 1 - len(head)))
+        head += more
+        if not more:
+            return head  # the whole input; the decoder reports the damaged header
+    too_large = too_many_pixels(size[0], size[1], max_pixels)
+    if too_large is not None:
+        raise InputReadError("too_large_pixels", too_large)
+    limit = min(cap, byte_budget(*size))
+    data = head + f.read(max(0, limit + 1 - len(head)))
+    if len(data) > limit:
+        raise InputReadError("too_large_file", f"more than {limit} bytes, more than a {size[0]}x{size[1]} image "
+                                               "needs (a decompression bomb?); not read further")
+    return data
+
+
 class ZipCache:
     """Open zip archives of one process, reused across the members of a batch."""
 
@@ -306,7 +359,8 @@ class TarReader:
     """Reads tar members in the main process (tar has no cheap random access when
     compressed, so members are read once, in order, and handed to the workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pixels: int) -> None:
+        self._max_pixels = max_pixels
         self._path: str | None = None
         self._tf: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
@@ -335,7 +389,7 @@ class TarReader:
             f = self._tf.extractfile(info)
             if f is None:
                 raise InputReadError("unreadable", "tar member is not a regular file")
-            data = f.read()
+            data = read_capped(f, self._max_pixels)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             self.close()
             raise InputReadError("broken_archive", f"{type(e).__name__}: {e}") from e
@@ -351,12 +405,13 @@ class TarReader:
         self._members = {}
 
 
-def read_item(item: InputItem, zips: ZipCache) -> bytes:
-    """Bytes of a file or zip member (tar members come from :class:`TarReader`)."""
+def read_item(item: InputItem, zips: ZipCache, max_pixels: int) -> bytes:
+    """Bytes of a file or zip member, through :func:`read_capped` (tar members come from
+    :class:`TarReader`)."""
     if item.kind == KIND_FILE:
         try:
             with open(item.path, "rb") as f:
-                return f.read(MAX_INPUT_BYTES + 1)
+                return read_capped(f, max_pixels)
         except OSError as e:
             raise InputReadError("unreadable", f"{type(e).__name__}: {e.strerror or e}") from e
     if item.kind == KIND_ZIP:
@@ -364,7 +419,7 @@ def read_item(item: InputItem, zips: ZipCache) -> bytes:
             zf = zips.get(item.path)
             info = zf.infolist()[int(item.member)]
             with zf.open(info) as f:
-                return f.read(MAX_INPUT_BYTES + 1)
+                return read_capped(f, max_pixels)
         except RuntimeError as e:  # zipfile raises RuntimeError for encrypted members
             raise InputReadError("unreadable", f"{e}") from e
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error, IndexError, ValueError) as e:

@@ -3,10 +3,12 @@
 Checks, in order, each failure reported with the shard (and record where one is at
 fault) and counted; the run goes on to the next shard so one report lists everything:
 
-1. ``manifest.json``: format, schema version, shard list, total count;
-2. per shard: it exists, Zarr group schema, index arrays of the manifest's length,
-   offsets (start at 0, strictly increasing, end at the heap size: the first record that
-   breaks this is named), index digest against the manifest, ``source`` length;
+1. ``manifest.json``: format, schema version, shard list, total count; a manifest that
+   lists no records fails (an empty dataset is not a usable one);
+2. per shard, by :func:`selectivemae_ds.data.shards.check_shard` (the reader's own check):
+   it exists, Zarr group schema, index arrays of the manifest's length, index digest
+   against the manifest, heap size, offsets (start at 0, strictly increasing, end at the
+   heap size: the first record that breaks this is named); then the ``source`` length;
 3. per record: crc32 of its bytes, that it decodes as a JPEG and that the decoded size
    equals the stored height/width.
 
@@ -19,19 +21,15 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import zarr
 from PIL import Image
 
-from selectivemae_ds.data.shards import (
-    INDEX_ARRAYS, SCHEMA_VERSION, ShardFormatError, index_digest, read_manifest,
-)
+from selectivemae_ds.data.shards import CRC_MISMATCH, ShardFormatError, ShardProblem, check_shard, read_manifest
 
 MAX_LISTED = 50
 READ_WINDOW = 64 * 1024 * 1024
@@ -39,7 +37,7 @@ READ_WINDOW = 64 * 1024 * 1024
 
 @dataclass
 class VerifyResult:
-    """Outcome of :func:`verify_dataset`."""
+    """Outcome of :func:`verify_dataset`: ``problems`` as lines naming shard and record."""
 
     records: int = 0
     shards: int = 0
@@ -49,24 +47,6 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _first_bad_offset(off: np.ndarray, heap_size: int) -> str | None:
-    if off.size == 0:
-        return "offsets array is empty"
-    if off[0] != 0:
-        return f"record 0: offsets start at {int(off[0])}, not 0"
-    bad = np.flatnonzero(np.diff(off) <= 0)
-    if bad.size:
-        i = int(bad[0])
-        return f"record {i}: offsets [{int(off[i])}, {int(off[i + 1])}) are not increasing"
-    beyond = np.flatnonzero(off > heap_size)
-    if beyond.size:
-        i = max(int(beyond[0]) - 1, 0)
-        return f"record {i}: offset {int(off[i + 1])} lies beyond the heap ({heap_size} bytes)"
-    if off[-1] != heap_size:
-        return f"offsets end at {int(off[-1])} but the heap holds {heap_size} bytes"
-    return None
 
 
 def _records(heap: Any, off: np.ndarray) -> Iterator[tuple[int, bytes]]:
@@ -84,52 +64,13 @@ def _records(heap: Any, off: np.ndarray) -> Iterator[tuple[int, bytes]]:
         j = k
 
 
-def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResult) -> None:
-    name = entry["name"]
-    path = root / name
-    n = entry["count"]
-
-    def problem(msg: str) -> None:
-        res.problems.append(f"{name}: {msg}")
-
-    if not path.is_dir():
-        problem("listed in the manifest but missing")
-        return
-    try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        attrs = dict(group.attrs)
-        arrays = {k: np.asarray(group[k][:]) for k in INDEX_ARRAYS}
-        heap = group["bytes"]
-        sources = np.asarray(group["source"][:], dtype=object)
-    except (KeyError, FileNotFoundError, ValueError, TypeError, OSError) as e:
-        problem(f"unreadable shard ({type(e).__name__}: {e})")
-        return
-    if attrs.get("schema") != SCHEMA_VERSION:
-        problem(f"unknown schema {attrs.get('schema')!r} (this version reads {SCHEMA_VERSION})")
-        return
-    off = arrays["offsets"]
-    if off.shape != (n + 1,) or any(arrays[k].shape != (n,) for k in INDEX_ARRAYS[1:]) or sources.shape != (n,):
-        problem(f"index arrays do not hold the manifest's {n} records")
-        return
-    heap_size = int(heap.shape[0])
-    if heap_size != entry["bytes"]:
-        problem(f"heap holds {heap_size} bytes, manifest says {entry['bytes']}")
-    bad_offsets = _first_bad_offset(off, heap_size)
-    if bad_offsets is not None:
-        # Name the global record too: that is what a training log would print.
-        match = re.match(r"record (\d+)(.*)", bad_offsets)
-        if match:
-            local = int(match.group(1))
-            bad_offsets = f"record {first + local} (local {local}){match.group(2)}"
-        problem(f"inconsistent offsets: {bad_offsets}")
-    if index_digest(arrays) != entry["index_sha256"]:
-        problem("index digest does not match the manifest (offsets, sizes, hashes or crc32 altered)")
-    if bad_offsets is not None:
-        return  # record boundaries are unknown: checking records would only add noise
-    for j, data in _records(heap, off):
-        rec = first + j
+def _record_problems(name: str, arrays: dict[str, np.ndarray], heap: Any,
+                     sources: np.ndarray) -> Iterator[ShardProblem]:
+    """crc32, JPEG decode and decoded size of every record of a shard whose index is sound."""
+    for j, data in _records(heap, arrays["offsets"]):
+        src = str(sources[j])
         if zlib.crc32(data) != int(arrays["crc32"][j]):
-            problem(f"record {rec} (local {j}, source {sources[j]!s}) fails its crc32 check")
+            yield ShardProblem(name, CRC_MISMATCH, j, src)
             continue
         try:
             with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
@@ -137,12 +78,30 @@ def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResu
                 im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
                 im.load()
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            problem(f"record {rec} (local {j}, source {sources[j]!s}) does not decode: {type(e).__name__}: {e}")
+            yield ShardProblem(name, f"does not decode: {type(e).__name__}: {e}", j, src)
             continue
-        if size != (int(arrays["width"][j]), int(arrays["height"][j])):
-            problem(f"record {rec} (local {j}) decodes to {size[0]}x{size[1]}, index says "
-                    f"{int(arrays['width'][j])}x{int(arrays['height'][j])}")
-    res.records += n
+        stored = (int(arrays["width"][j]), int(arrays["height"][j]))
+        if size != stored:
+            yield ShardProblem(name, f"decodes to {size[0]}x{size[1]}, the index says {stored[0]}x{stored[1]}", j, src)
+
+
+def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResult) -> None:
+    index, problems = check_shard(root, entry)
+    res.problems += [p.describe(first) for p in problems]
+    if index is None:
+        return  # record boundaries are unknown: checking records would only add noise
+    try:
+        sources = np.asarray(index.group["source"][:], dtype=object)
+    except (KeyError, FileNotFoundError, ValueError, TypeError, OSError) as e:
+        res.problems.append(ShardProblem(entry["name"], f"unreadable source array ({type(e).__name__}: {e})")
+                            .describe())
+        return
+    if sources.shape != (entry["count"],):
+        res.problems.append(ShardProblem(entry["name"], f"source array does not hold the manifest's "
+                                                        f"{entry['count']} records").describe())
+        return
+    res.problems += [p.describe(first) for p in _record_problems(entry["name"], index.arrays, index.heap, sources)]
+    res.records += entry["count"]
 
 
 def verify_dataset(root: str | os.PathLike[str]) -> VerifyResult:
@@ -153,6 +112,10 @@ def verify_dataset(root: str | os.PathLike[str]) -> VerifyResult:
         manifest = read_manifest(root)
     except ShardFormatError as e:
         res.problems.append(str(e))
+        return res
+    if not manifest["shards"]:
+        res.problems.append(f"{root}: the manifest lists no records (an empty dataset: every input was "
+                            "skipped or none was found); nothing can train on it")
         return res
     first = 0
     listed = set()

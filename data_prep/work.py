@@ -1,7 +1,8 @@
 """The resumable work directory ``OUT/.smae-pack-work/``.
 
-Contents (every file is written to a temporary name, fsynced and renamed, so a kill at
-any moment leaves either the old state or the new one, never half a file):
+Contents (every file is written by :func:`selectivemae_ds.atomic.atomic_write_bytes`: a
+temporary name, fsync, rename, fsync of the directory, so a kill or a power cut at any
+moment leaves either the old state or the new one, never half a file):
 
 - ``fingerprint.json``: hash of the inputs (names, sizes, mtimes) and of every option
   that changes the output. A rerun with anything different is refused.
@@ -20,41 +21,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
+
+from selectivemae_ds.atomic import atomic_write_bytes
+from selectivemae_ds.errors import DataError
 
 WORK_DIR_NAME = ".smae-pack-work"
 BATCHES_PER_SUBDIR = 1000
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
-
-    ``durable`` adds an fsync before the rename (survives power loss, not just a killed
-    process). Batch files skip it: they are recomputable and carry their own checksum, and
-    one fsync per batch cost ~20% of packing time on the benchmark machine.
-    """
+def write_json(path: Path, doc: Any) -> None:
+    """``doc`` as canonical JSON through the project's one atomic, durable write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, doc: Any, durable: bool = True) -> None:
-    data = (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
-    atomic_write_bytes(path, data, durable)
+    atomic_write_bytes(path, (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8"))
 
 
 def fingerprint_of(doc: dict[str, Any]) -> str:
@@ -85,11 +67,11 @@ class WorkDir:
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise RuntimeError(f"{self.fingerprint_path} is damaged ({e}); rerun with --restart") from e
+            raise DataError(f"{self.fingerprint_path} is damaged ({e}); rerun with --restart") from e
 
     def create(self, fingerprint: str, description: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.fingerprint_path, {"fingerprint": fingerprint, "description": description})
+        write_json(self.fingerprint_path, {"fingerprint": fingerprint, "description": description})
 
     def _batch_base(self, batch: int) -> Path:
         return self.root / "batches" / f"{batch // BATCHES_PER_SUBDIR:03d}" / f"b-{batch:08d}"
@@ -103,12 +85,14 @@ class WorkDir:
     def write_batch(self, batch: int, meta: dict[str, Any], payload: bytes) -> None:
         """Persist one batch: payload first, then the meta file that commits it.
 
-        The meta records the payload's length and crc32, checked by :meth:`read_payload`:
-        without fsync a power cut could leave a committed meta beside a payload of zeros.
+        The meta records the payload's length and crc32, checked by :meth:`read_payload`, so
+        a payload damaged on disk (or edited by hand) is recomputed rather than packed.
         """
         meta["payload"] = {"bytes": len(payload), "crc32": zlib.crc32(payload)}
-        atomic_write_bytes(self.payload_path(batch), payload, durable=False)
-        atomic_write_json(self.meta_path(batch), meta, durable=False)
+        path = self.payload_path(batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, payload)
+        write_json(self.meta_path(batch), meta)
 
     def read_meta(self, batch: int) -> dict[str, Any] | None:
         path = self.meta_path(batch)
@@ -141,11 +125,11 @@ class WorkDir:
         except FileNotFoundError:
             return []
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RuntimeError(f"{self.shards_path} is damaged ({e}); rerun with --restart") from e
+            raise DataError(f"{self.shards_path} is damaged ({e}); rerun with --restart") from e
         return list(doc["shards"])
 
     def write_shards(self, shards: list[dict[str, Any]]) -> None:
-        atomic_write_json(self.shards_path, {"shards": shards})
+        write_json(self.shards_path, {"shards": shards})
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=False)

@@ -73,7 +73,7 @@ def _outcome(item: InputItem, preread: bytes | tuple[str, str] | None, state: _S
                 raise InputReadError(*preread)
             data = preread
         else:
-            data = read_item(item, state.zips)
+            data = read_item(item, state.zips, state.options.max_pixels)
     except InputReadError as e:
         return Outcome(reason=e.reason, detail=e.detail)
     try:

@@ -173,3 +173,39 @@ def test_dedup_off_and_band_choice() -> None:
     assert off.offer(5) and off.offer(5)
     assert choose_bands(4, 13_000_000) == 3  # 21-bit bands, radius 1 (see dedup.py)
     assert choose_bands(4, 1000) == 5  # small sets: exact bands are cheapest
+
+
+def test_bounded_read_keeps_legitimate_files_whose_header_lies_beyond_64_kib(assets_dir: Path) -> None:
+    """A JPEG with 200 KB of ICC profile before its frame header, and a TIFF whose directory
+    is written after the pixels (libtiff), are read whole; the header search grows past 64 KiB."""
+    from data_prep.images import HEAD_BYTES, header_size
+    from data_prep.sources import read_capped
+    crop = _crop(assets_dir, "SOAP_061.png", (0, 0, 400, 400))
+    icc = random.Random(0).randbytes(200_000)
+    jpeg = _encode(crop, "JPEG", quality=90, icc_profile=icc)
+    tiff = _encode(crop, "TIFF", compression="tiff_lzw")
+    for data in (jpeg, tiff):
+        assert len(data) > HEAD_BYTES and header_size(data[:HEAD_BYTES]) is None
+        assert read_capped(io.BytesIO(data), OPTS.max_pixels) == data
+    assert process_image(jpeg, "icc.jpg", OPTS).passthrough
+
+
+def test_bounded_read_refuses_without_reading_the_rest() -> None:
+    from data_prep.sources import InputReadError, read_capped
+
+    class Counting(io.BytesIO):
+        consumed = 0
+
+        def read(self, n: int | None = -1) -> bytes:
+            data = super().read(n)
+            self.consumed += len(data)
+            return data
+
+    junk = Counting(b"\0" * (10 << 20))
+    with pytest.raises(InputReadError) as e:
+        read_capped(junk, OPTS.max_pixels)
+    assert e.value.reason == "not_image" and junk.consumed == 64 * 1024
+    jpeg_sig = Counting(b"\xff\xd8\xff" + bytes(40 << 20))  # a JPEG signature and no header
+    with pytest.raises(InputReadError) as e:
+        read_capped(jpeg_sig, OPTS.max_pixels)
+    assert e.value.reason == "corrupt" and jpeg_sig.consumed == 16 << 20

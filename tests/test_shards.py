@@ -73,3 +73,53 @@ def test_unknown_schema_and_bad_offsets_are_refused(multi_file_dataset):
     offsets[:] = values
     with pytest.raises(ShardFormatError, match="index digest does not match"):
         ShardedDataset(root).read(0)
+
+
+def _two_shard_dataset(root):
+    infos = []
+    for s in range(2):
+        w = ShardWriter(root, shard_name(s))
+        for k in range(4):
+            w.add(bytes([s * 16 + k + 1]) * (10 + k), 8, 8, k, f"s{s}r{k}")
+        infos.append(w.finalize())
+    write_manifest(root, infos, {}, {})
+
+
+def test_reader_and_verify_report_the_same_shard_problem(tmp_path, capsys):
+    """One check (shards.check_shard) for both: the reader's error is verify's line with the
+    dataset path in front, naming shard, global and local record."""
+    from data_prep.cli import main as pack_main
+
+    _two_shard_dataset(tmp_path)
+    import zarr
+    group = zarr.open_group(str(tmp_path / shard_name(1)), mode="r+")
+    off = group["offsets"][:]
+    off[2] = off[1]
+    group["offsets"][:] = off
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1]["index_sha256"] = shards.index_digest({k: np.asarray(group[k][:]) for k in shards.INDEX_ARRAYS})
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+
+    index, problems = shards.check_shard(tmp_path, manifest["shards"][1])
+    assert index is None
+    assert problems == [shards.ShardProblem(shard_name(1), "inconsistent offsets: [10, 10) do not increase", 1)]
+    with pytest.raises(ShardFormatError) as e:
+        ShardedDataset(tmp_path).read(6)
+    assert pack_main(["verify", str(tmp_path)]) == 3
+    line = "shard-00001.zarr: record 5 (local 1): inconsistent offsets: [10, 10) do not increase"
+    assert str(e.value) == f"{tmp_path}/{line}"
+    assert f"  {line}\n" in capsys.readouterr().err
+
+
+def test_dataset_is_written_with_the_usual_permissions(tmp_path):
+    """The manifest was created by mkstemp (0600) and each shard directory by mkdtemp (0700):
+    other users of a shared dataset could not read it."""
+    old = os.umask(0o022)
+    try:
+        _two_shard_dataset(tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+    for s in range(2):
+        assert (tmp_path / shard_name(s)).stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -18,8 +18,10 @@ flipped bytes, so "every record decodes" alone cannot find a rotten heap.
 
 Readers never trust the files: the schema version must be known, the index digest
 (sha256 over offsets, height, width, phash, crc32) must match the manifest, offsets
-must start at 0, be non-decreasing and end at the heap's length. Any violation is a
-:class:`ShardFormatError` naming the shard.
+must start at 0, be increasing and end at the heap's length. :func:`check_shard` is the
+one place these rules are checked: it returns structured :class:`ShardProblem` values
+(shard, record, reason); the reader raises the first as a :class:`ShardFormatError`
+naming the shard, ``smae-pack verify`` lists them all.
 
 A shard directory that is not listed in ``manifest.json`` does not exist for readers;
 writers build a shard under a temporary name and rename it into place once complete,
@@ -41,6 +43,9 @@ import google_crc32c
 import numpy as np
 import zarr
 
+from selectivemae_ds.atomic import atomic_write_text, fsync_dir
+from selectivemae_ds.errors import DataError
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "selectivemae-ds-shards"
@@ -56,8 +61,8 @@ INDEX_ARRAYS = ("offsets", "height", "width", "phash", "crc32")
 MAX_SIDE_STORABLE = np.iinfo(np.uint16).max
 
 
-class ShardFormatError(ValueError):
-    """A dataset directory, manifest or shard violates schema 1."""
+class ShardFormatError(DataError):
+    """A dataset directory, manifest or shard violates schema 1 (a data error, exit code 3)."""
 
 
 def shard_name(index: int) -> str:
@@ -83,14 +88,6 @@ class ShardInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "count": self.count, "bytes": self.bytes, "index_sha256": self.index_sha256}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -154,8 +151,11 @@ class ShardWriter:
         if final.exists():
             spool_path.unlink(missing_ok=True)
             raise FileExistsError(f"{final} already exists")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".partial", dir=self.out_dir))
+        # Not mkdtemp: its 0700 would survive the rename and lock other users out of the
+        # dataset. A leftover of this name is an interrupted writer's, removed on resume.
+        tmp = self.out_dir / f".{self.name}.{os.getpid()}.partial"
         try:
+            tmp.mkdir()
             arrays = {
                 "offsets": np.asarray(self._offsets, dtype=np.int64),
                 "height": np.asarray(self._height, dtype=np.uint16),
@@ -188,7 +188,7 @@ class ShardWriter:
                     finally:
                         os.close(fd)
             os.rename(tmp, final)
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -199,8 +199,11 @@ class ShardWriter:
 
 def write_manifest(out_dir: str | os.PathLike, shards: list[ShardInfo], params: dict[str, Any],
                    stats: dict[str, Any]) -> Path:
-    """Write manifest.json atomically (temp file, fsync, rename)."""
-    out = Path(out_dir)
+    """Write manifest.json atomically and durably (:func:`selectivemae_ds.atomic.atomic_write_text`).
+
+    The text is canonical (sorted keys, fixed indentation), so the same shards, params and
+    stats always give byte-identical manifests.
+    """
     doc = {
         "format": FORMAT_NAME,
         "schema": SCHEMA_VERSION,
@@ -209,15 +212,7 @@ def write_manifest(out_dir: str | os.PathLike, shards: list[ShardInfo], params: 
         "params": params,
         "stats": stats,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST_NAME)
-    _fsync_dir(out)
-    return out / MANIFEST_NAME
+    return atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -345,43 +340,115 @@ class _DirectHeap:
         self._index.clear()
 
 
-class _OpenShard:
-    """Index arrays of one shard, validated, plus a handle on its heap."""
+@dataclass(frozen=True)
+class ShardProblem:
+    """One thing wrong with a shard: the shard's name, the record at fault (its index
+    inside the shard) when one is, and the reason."""
 
-    def __init__(self, root: Path, entry: dict[str, Any]):
+    shard: str
+    reason: str
+    record: int | None = None
+    source: str | None = None
+
+    def describe(self, first: int = 0, where: str | None = None) -> str:
+        """One line naming ``where`` (default: the shard's name) and, for a record, its global
+        index (``first`` is the global index of the shard's first record) and local index."""
+        head = where if where is not None else self.shard
+        if self.record is None:
+            return f"{head}: {self.reason}"
+        src = f", source {self.source}" if self.source is not None else ""
+        return f"{head}: record {first + self.record} (local {self.record}{src}): {self.reason}"
+
+
+@dataclass
+class ShardIndex:
+    """The index arrays of one shard, checked against the manifest, and its Zarr handles."""
+
+    arrays: dict[str, np.ndarray]
+    group: Any
+    heap: Any
+
+
+def _offsets_problem(name: str, off: np.ndarray, heap_size: int) -> ShardProblem | None:
+    """The first record whose offsets break "start at 0, increase, end at the heap size"."""
+    if off.size == 0:
+        return ShardProblem(name, "inconsistent offsets: the offsets array is empty")
+    if off[0] != 0:
+        return ShardProblem(name, f"inconsistent offsets: they start at {int(off[0])}, not 0", 0)
+    bad = np.flatnonzero(np.diff(off) <= 0)
+    if bad.size:
+        i = int(bad[0])
+        return ShardProblem(name, f"inconsistent offsets: [{int(off[i])}, {int(off[i + 1])}) do not increase", i)
+    beyond = np.flatnonzero(off > heap_size)
+    if beyond.size:
+        i = max(int(beyond[0]) - 1, 0)
+        return ShardProblem(name, f"inconsistent offsets: {int(off[i + 1])} lies beyond the heap "
+                                  f"({heap_size} bytes)", i)
+    if off[-1] != heap_size:
+        return ShardProblem(name, f"inconsistent offsets: they end at {int(off[-1])} but the heap holds "
+                                  f"{heap_size} bytes")
+    return None
+
+
+def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIndex | None, list[ShardProblem]]:
+    """Validate one shard's files and index against its manifest ``entry``.
+
+    Returns the index (None when record boundaries cannot be trusted: missing or unreadable
+    shard, unknown schema, wrong array shapes, bad offsets) and every problem found, in the
+    order a reader reports them: presence, readability, schema, shapes, digest, heap size,
+    offsets. Record contents (crc32, decoding) are not read here.
+    """
+    name = entry["name"]
+    path = Path(root) / name
+    n = entry["count"]
+    if not path.is_dir():
+        return None, [ShardProblem(name, "shard listed in the manifest is missing")]
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+        arrays = {k: np.asarray(group[k][:]) for k in INDEX_ARRAYS}
+        heap = group["bytes"]
+    except (KeyError, FileNotFoundError, ValueError, TypeError, OSError) as e:
+        return None, [ShardProblem(name, f"unreadable shard ({type(e).__name__}: {e})")]
+    if attrs.get("schema") != SCHEMA_VERSION:
+        return None, [ShardProblem(name, f"unknown schema {attrs.get('schema')!r} "
+                                         f"(this version reads schema {SCHEMA_VERSION})")]
+    off = arrays["offsets"]
+    if not (off.dtype == np.int64 and off.shape == (n + 1,)
+            and all(arrays[k].shape == (n,) for k in INDEX_ARRAYS[1:])):
+        return None, [ShardProblem(name, f"index arrays do not hold the manifest's {n} records")]
+    problems = []
+    if index_digest(arrays) != entry["index_sha256"]:
+        problems.append(ShardProblem(name, "index digest does not match the manifest (index corrupted)"))
+    heap_size = int(heap.shape[0])
+    if heap_size != entry["bytes"]:
+        problems.append(ShardProblem(name, f"heap holds {heap_size} bytes, the manifest says {entry['bytes']}"))
+    bad_offsets = _offsets_problem(name, off, heap_size)
+    if bad_offsets is not None:
+        problems.append(bad_offsets)
+        return None, problems
+    return ShardIndex(arrays, group, heap), problems
+
+
+class _OpenShard:
+    """Index arrays of one shard, validated by :func:`check_shard`, plus a handle on its heap."""
+
+    def __init__(self, root: Path, entry: dict[str, Any], first: int = 0):
         name = entry["name"]
-        path = root / name
-        where = f"{root}/{name}"
-        if not path.is_dir():
-            raise ShardFormatError(f"{where}: shard listed in the manifest is missing")
-        try:
-            group = zarr.open_group(str(path), mode="r", zarr_format=3)
-            attrs = dict(group.attrs)
-            arrays = {k: np.asarray(group[k][:]) for k in INDEX_ARRAYS}
-            heap = group["bytes"]
-        except (KeyError, FileNotFoundError, ValueError, TypeError) as e:
-            raise ShardFormatError(f"{where}: unreadable shard ({type(e).__name__}: {e})") from e
-        if attrs.get("schema") != SCHEMA_VERSION:
-            raise ShardFormatError(f"{where}: unknown schema {attrs.get('schema')!r}")
-        n = entry["count"]
-        off = arrays["offsets"]
-        shapes_ok = (off.dtype == np.int64 and off.shape == (n + 1,)
-                     and all(arrays[k].shape == (n,) for k in INDEX_ARRAYS[1:]))
-        if not shapes_ok:
-            raise ShardFormatError(f"{where}: index arrays do not hold {n} records")
-        if index_digest(arrays) != entry["index_sha256"]:
-            raise ShardFormatError(f"{where}: index digest does not match the manifest (index corrupted)")
-        if off[0] != 0 or np.any(np.diff(off) <= 0) or off[-1] != heap.shape[0] or heap.shape[0] != entry["bytes"]:
-            raise ShardFormatError(f"{where}: inconsistent offsets (must start at 0, increase, end at heap size)")
+        index, problems = check_shard(root, entry)
+        if problems:
+            raise ShardFormatError(problems[0].describe(first, where=f"{root}/{name}"))
+        assert index is not None
+        arrays = index.arrays
         self.name = name
-        self.offsets = off
+        self.offsets = arrays["offsets"]
         self.height = arrays["height"]
         self.width = arrays["width"]
         self.phash = arrays["phash"]
         self.crc32 = arrays["crc32"]
-        self.heap = heap
-        self.direct = _DirectHeap.open(path / "bytes", where, int(heap.shape[0]))
-        self._group = group
+        self.heap = index.heap
+        self.direct = _DirectHeap.open(Path(root) / name / "bytes", f"{root}/{name}", int(index.heap.shape[0]))
+        self._group = index.group
         self._source: np.ndarray | None = None
 
     def read(self, a: int, b: int) -> bytes:
@@ -397,11 +464,14 @@ class _OpenShard:
         return str(self._source[j])
 
 
+CRC_MISMATCH = "fails its crc32 check"
+
+
 class RecordCorruptError(ShardFormatError):
     """A record's bytes do not match its stored checksum."""
 
     def __init__(self, shard: str, record: int, local: int):
-        super().__init__(f"{shard}: record {record} (local {local}) fails its crc32 check")
+        super().__init__(ShardProblem(shard, CRC_MISMATCH, local).describe(record - local))
         self.shard, self.record, self.local = shard, record, local
 
 
@@ -456,7 +526,7 @@ class ShardedDataset:
     def shard(self, s: int) -> _OpenShard:
         sh = self._open.get(s)
         if sh is None:
-            sh = self._open[s] = _OpenShard(self.root, self._entries[s])
+            sh = self._open[s] = _OpenShard(self.root, self._entries[s], int(self._starts[s]))
         return sh
 
     def _at(self, i: int) -> tuple[_OpenShard, int]:
