@@ -11,7 +11,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
 log=$OUT/call1.log
 write_env env-call1.txt
-use_carried_timm 2>&1 | tee -a "$log" || exit 3
+use_carried_timm > >(tee -a "$log") 2>&1 || exit 3
 # 6 model runs (~20 s each on the H200, mostly process start) + the model tests (~40 s).
 "$PY" bench/gpu_suite.py "${SUITE[@]}" "${SIZES[@]}" --out "$RESULTS" --jsonl "$OUT/results.jsonl" \
   --only model tests-model --budget-s 200 "${SLOW[@]}" 2>&1 | tee -a "$log"

@@ -25,7 +25,7 @@ bash "$REPO/scripts/install_wheelhouse.sh" "$WH" --target "$SITE" 2>&1 | tee -a 
 echo "[last] bundle unpacked in $(( $(date +%s) - start )) s" | tee -a "$log"
 export PYTHONPATH=$PYTHONPATH:$SITE
 [ "$DRY" = 1 ] && export SMAE_DEVICE_SIM_SITE=$SITE
-use_carried_timm 2>&1 | tee -a "$log"
+use_carried_timm > >(tee -a "$log") 2>&1 || exit 3
 "$PY" -c "import deepspeed, nvidia.dali, zarr, numcodecs, google_crc32c
 from selectivemae_ds.data.pipeline import InputPipeline
 from selectivemae_ds.benchmark.model import versions

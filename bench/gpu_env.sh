@@ -18,6 +18,7 @@ if [ "$DRY" = 1 ]; then
   BUNDLE=${SMAE_BUNDLE:-$REPO/.wheelhouse}
   WH=${SMAE_WH:-/tmp/smae-gpu-dry-wh}
   SITE=${SMAE_SITE:-/tmp/smae-gpu-dry-site}
+  SITE_TIMM=$OUT/site-timm
   export PYTHONPATH=$REPO/bench/device_sim:$REPO
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
   SUITE=(--device cpu --quick)   # toy sizes: QUICK in gpu_suite.py
@@ -32,6 +33,7 @@ else
   BUNDLE=$REPO/.wheelhouse
   WH=/tmp/wh
   SITE=/tmp/site
+  SITE_TIMM=/tmp/site-timm
   export PYTHONPATH=$REPO
   SUITE=()
   SLOW=()
@@ -43,13 +45,16 @@ mkdir -p "$OUT"
 RESULTS=${SMAE_RESULTS:-/tmp/smae-gpu-results}   # per-measurement JSONs; what comes back is $OUT/*.jsonl
 
 # This environment's timm, when carried as .whl/timm-*.whl: the models need timm.layers.attention
-# (timm 1.0.x, recent), and the machine's timm version is not recorded anywhere.
+# (timm 1.0.x, recent), and the machine's timm version is not recorded anywhere. Call it as
+# `use_carried_timm > >(tee -a LOG) 2>&1`, never in a pipeline: the PYTHONPATH it exports must
+# reach the calling shell.
 use_carried_timm() {
   local whl
   whl=$(ls "$REPO"/.whl/timm-*.whl 2>/dev/null | head -1)
-  if [ -n "$whl" ] && [ "$DRY" = 0 ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-timm "$whl" \
-      && export PYTHONPATH=/tmp/site-timm:$PYTHONPATH && echo "[call] timm from $whl"
+  if [ -n "$whl" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE_TIMM" "$whl" || return 1
+    export PYTHONPATH=$SITE_TIMM:$PYTHONPATH
+    echo "[call] timm from $whl"
   fi
   "$PY" -c "import timm, timm.layers.attention; print('[call] timm', timm.__version__, timm.__file__)"
 }
