@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"{name}\t{version}\t{path.name}\t{sha256(path)}")
     (args.out / "MANIFEST.tsv").write_text("name\tversion\tfile\tsha256\n" + "\n".join(rows) + "\n")
     total = sum(p.stat().st_size for p in have.values())
-    print(f"[wheelhouse] {len(have)} wheels, {total / 2**20:.1f} MiB in {wheels}; skipped as provided: torch and its "
-          f"{len(provided) - 1} requirements")
+    print(f"[wheelhouse] {len(have)} wheels, {total / 2**20:.1f} MiB in {wheels}; {len(provided)} names skipped as "
+          f"provided (torch's closure, --provided, --provided-file)")
     if skip - skipped:
         ap.error(f"--skip names no package of the closure: {', '.join(sorted(skip - skipped))}")
     if skipped:
