@@ -5,7 +5,7 @@
 # then, while the budget lasts, selectivemae and mae at ViT-L with batch 512 (MFU at a larger batch).
 # Every record is appended to $OUT/results.jsonl the moment it exists.
 #
-#   device: run  command="bash bench/gpu_call1.sh"  carry=[".whl"]  timeout_s=300
+#   device: run  command="bash bench/gpu_call1.sh"  carry=[".whl"]  timeout_s=270
 #   here:   bash bench/gpu_call1.sh --dry-run       (CPU rehearsal; prints where its $OUT is)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" "$@"
@@ -14,10 +14,10 @@ write_env env-call1.txt
 use_carried_timm > >(tee -a "$log") 2>&1 || exit 3
 # 6 model runs (~20 s each on the H200, mostly process start) + the model tests (~40 s).
 "$PY" bench/gpu_suite.py "${SUITE[@]}" "${SIZES[@]}" --out "$RESULTS" --jsonl "$OUT/results.jsonl" \
-  --only model tests-model --budget-s 200 "${SLOW[@]}" 2>&1 | tee -a "$log"
+  --only model tests-model --budget-s 180 "${SLOW[@]}" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 "$PY" bench/gpu_suite.py "${SUITE[@]}" --out "$RESULTS" --jsonl "$OUT/results.jsonl" --only model \
-  --methods selectivemae mae --sizes "$L_SIZE" --model-batch "$BIG_BATCH" --budget-s 60 "${SLOW[@]}" 2>&1 | tee -a "$log"
+  --methods selectivemae mae --sizes "$L_SIZE" --model-batch "$BIG_BATCH" --budget-s 45 "${SLOW[@]}" 2>&1 | tee -a "$log"
 cp "$RESULTS/SUMMARY.md" "$OUT/SUMMARY-call1.md" 2>/dev/null
 echo "[call1] done, suite exit $rc; results in $OUT"
 exit "$rc"

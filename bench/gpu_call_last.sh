@@ -7,7 +7,7 @@
 #
 #   device: run  command="bash bench/gpu_call_last.sh NN"
 #                carry=[".wheelhouse/parts/site.tar.xz.part-NN", ".wheelhouse/parts/SHA256SUMS", ".whl"]
-#                timeout_s=420
+#                timeout_s=380
 #   here:   SMAE_BUNDLE=DIR bash bench/gpu_call_last.sh --dry-run NN
 set -uo pipefail
 here=$(dirname "$0")
@@ -32,7 +32,7 @@ from selectivemae_ds.benchmark.model import versions
 print('[last] imports ok', versions())" 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 6
 "$PY" bench/gpu_suite.py "${SUITE[@]}" --out "$RESULTS" --jsonl "$OUT/results-last.jsonl" \
-  --only e2e loader memory tests-data --budget-s 330 "${SLOW[@]}" 2>&1 | tee -a "$log"
+  --only e2e loader memory tests-data --budget-s 300 "${SLOW[@]}" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 cp "$RESULTS/SUMMARY.md" "$OUT/SUMMARY-last.md" 2>/dev/null
 echo "[last] done, suite exit $rc; results in $OUT"
