@@ -16,6 +16,19 @@ the bundle holds what CI tested.
 Output: ``OUT/wheels/*.whl``, ``OUT/MANIFEST.tsv`` (name, version, file, sha256),
 and with ``--split-mb`` the tarball cut into parts ``OUT/parts/wheelhouse.tar.part-NN``
 (see ``scripts/install_wheelhouse.sh`` for the other side).
+
+``--site`` makes the smallest bundle for one machine instead: the wheels installed here
+into ``OUT/site`` for the target interpreter (pip ``--target``, no byte-compiling), less
+what that interpreter never loads (extension modules built for other CPython versions,
+C headers and static libraries of the ``nvidia`` packages), packed as ``OUT/site.tar.xz``
+(xz -9: about 30% smaller than the wheels' zip deflate on DALI's libraries) and, with
+``--split-mb``, cut into ``OUT/parts/site.tar.xz.part-NN``. Every part's sha256 is in
+``OUT/parts/SHA256SUMS``. The other side unpacks it into a folder and puts that on
+``PYTHONPATH``; nothing is installed there, so no pip runs on the target.
+
+``--provided-file`` names the packages the target already has (one per line; for the
+lent H200, ``bench/gpu_device_packages.txt``) and ``--skip`` leaves out packages that are
+required on paper but never loaded by what will run (each one named in the report).
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import hashlib
 import importlib.metadata as md
 import re
 import shutil
+import os
 import subprocess
 import sys
 import tarfile
@@ -41,6 +55,10 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # Present beside any PyTorch install, or tied to its exact build (a torchvision
 # from PyPI must match the target's torch), or only needed to build packages.
 ALWAYS_PROVIDED = {"pip", "setuptools", "wheel", "numpy", "torchvision", "torchaudio"}
+# An extension module's ABI tag, e.g. "cpython-312-x86_64-linux-gnu" or the free-threaded "cpython-313t-...".
+EXT_ABI = re.compile(r"\.cpython-(\d+t?)-[^/]*\.so$")
+# Build-time-only files of the nvidia packages (DALI, nvImageCodec, nvJPEG): never loaded at run time.
+NVIDIA_BUILD_ONLY = re.compile(r"^nvidia/.*(/include/.*|\.a|\.h|\.hpp|\.cuh)$")
 
 
 def target_env(python_version: str) -> dict[str, str]:
@@ -119,6 +137,66 @@ def build_local_wheel(target: str, dest: Path) -> Path:
         return Path(shutil.move(str(built[0]), dest / built[0].name))
 
 
+def read_names(path: Path) -> set[str]:
+    """Package names, one per line (blank lines and ``#`` comments ignored), canonicalized."""
+    names = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(canonicalize_name(line))
+    return names
+
+
+def install_site(wheels: list[Path], site: Path, python_version: str) -> None:
+    """Install `wheels` into `site` as the target interpreter would load them (no deps, no .pyc)."""
+    abi = "cp" + "".join(python_version.split(".")[:2])
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile",
+           "--target", str(site), "--python-version", python_version, "--implementation", "cp", "--abi", abi,
+           "--only-binary=:all:"]
+    for plat in PLATFORMS:
+        cmd += ["--platform", plat]
+    subprocess.run(cmd + [str(w) for w in wheels], check=True)
+
+
+def prune_site(site: Path, python_version: str) -> tuple[int, int]:
+    """Delete what the target interpreter never loads; (files, bytes) removed."""
+    keep_abi = "".join(python_version.split(".")[:2])
+    files = size = 0
+    for path in sorted(site.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        rel = path.relative_to(site).as_posix()
+        abi = EXT_ABI.search(rel)
+        if (abi and abi.group(1) != keep_abi) or NVIDIA_BUILD_ONLY.match(rel):
+            files += 1
+            size += path.stat().st_size
+            path.unlink()
+    return files, size
+
+
+def pack_site(site: Path, out: Path, level: int) -> Path:
+    """``site`` as one xz-compressed tar (all cores) with ``site/`` as its top folder."""
+    tar_xz = out / "site.tar.xz"
+    env = dict(os.environ, XZ_OPT=f"-{level} -T0")
+    subprocess.run(["tar", "-C", str(site.parent), "-cJf", str(tar_xz), site.name], check=True, env=env)
+    return tar_xz
+
+
+def split(path: Path, parts: Path, limit_mib: int) -> list[Path]:
+    """Cut `path` into ``parts/NAME.part-NN`` of at most `limit_mib` MiB, with their sha256 in SHA256SUMS."""
+    parts.mkdir(parents=True, exist_ok=True)
+    limit = limit_mib * 2**20
+    written = []
+    with open(path, "rb") as f:
+        for k, block in enumerate(iter(lambda: f.read(limit), b"")):
+            part = parts / f"{path.name}.part-{k:02d}"
+            part.write_bytes(block)
+            written.append(part)
+    sums = "".join(f"{sha256(p)}  {p.name}\n" for p in written)
+    (parts / "SHA256SUMS").write_text(sums, encoding="utf-8")
+    return written
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,13 +212,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provided", default="",
                     help="comma-separated extra package names the target already has (torch's closure, numpy, "
                          "torchvision and torchaudio are always skipped)")
+    ap.add_argument("--provided-file", type=Path, default=None,
+                    help="file of package names the target already has, one per line (# comments allowed), "
+                         "e.g. bench/gpu_device_packages.txt for the lent H200")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated packages to leave out although something requires them (libraries "
+                         "the code that will run never loads); each one is listed in the report")
+    ap.add_argument("--site", action="store_true",
+                    help="pack the wheels installed for the target interpreter and pruned (OUT/site.tar.xz) "
+                         "instead of the wheels themselves")
+    ap.add_argument("--xz-level", type=int, choices=range(10), default=9, metavar="0-9",
+                    help="--site: xz compression level (default 9, the smallest parts; 1 packs a rehearsal "
+                         "bundle in seconds)")
     ap.add_argument("--split-mb", type=int, default=0,
-                    help="also write OUT/parts/wheelhouse.tar.part-NN of at most this many MB (0: no tarball)")
+                    help="also cut the tarball into OUT/parts/*.part-NN of at most this many MiB (0: no parts; "
+                         "without --site the tarball is only written when this is set)")
     args = ap.parse_args(argv)
 
     env = target_env(args.python_version)
     provided = installed_closure("torch") | {canonicalize_name(n) for n in args.provided.split(",") if n}
+    if args.provided_file is not None:
+        if not args.provided_file.is_file():
+            ap.error(f"--provided-file {args.provided_file}: no such file")
+        provided |= read_names(args.provided_file)
     provided |= ALWAYS_PROVIDED
+    skip = {canonicalize_name(n) for n in args.skip.split(",") if n}
+    skipped: set[str] = set()
     wheels = args.out / "wheels"
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -157,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         req = todo.pop()
         name = canonicalize_name(req.name)
         if name in provided:
+            continue
+        if name in skip:
+            skipped.add(name)
             continue
         if name not in have:
             version = installed_version(name)
@@ -177,22 +277,37 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"{name}\t{version}\t{path.name}\t{sha256(path)}")
     (args.out / "MANIFEST.tsv").write_text("name\tversion\tfile\tsha256\n" + "\n".join(rows) + "\n")
     total = sum(p.stat().st_size for p in have.values())
-    print(f"[wheelhouse] {len(have)} wheels, {total / 2**20:.1f} MiB in {wheels}; skipped as provided: torch and its "
-          f"{len(provided) - 1} requirements")
+    print(f"[wheelhouse] {len(have)} wheels, {total / 2**20:.1f} MiB in {wheels}; {len(provided)} names skipped as "
+          f"provided (torch's closure, --provided, --provided-file)")
+    if skip - skipped:
+        ap.error(f"--skip names no package of the closure: {', '.join(sorted(skip - skipped))}")
+    if skipped:
+        print(f"[wheelhouse] left out (--skip): {', '.join(sorted(skipped))}")
+
+    if args.site:
+        site = args.out / "site"
+        install_site(sorted(have.values()), site, args.python_version)
+        files, size = prune_site(site, args.python_version)
+        installed = sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+        print(f"[wheelhouse] site: {installed / 2**20:.1f} MiB installed after pruning {files} files "
+              f"({size / 2**20:.1f} MiB) the target never loads")
+        tar_xz = pack_site(site, args.out, args.xz_level)
+        print(f"[wheelhouse] {tar_xz}: {tar_xz.stat().st_size / 2**20:.1f} MiB")
+        if args.split_mb > 0:
+            parts = split(tar_xz, args.out / "parts", args.split_mb)
+            print(f"[wheelhouse] {len(parts)} parts of <= {args.split_mb} MiB in {args.out / 'parts'}: "
+                  + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in parts))
+        return 0
 
     if args.split_mb > 0:
         parts = args.out / "parts"
-        parts.mkdir()
         tar_path = args.out / "wheelhouse.tar"
         with tarfile.open(tar_path, "w") as tar:
             tar.add(wheels, arcname="wheels")
             tar.add(args.out / "MANIFEST.tsv", arcname="MANIFEST.tsv")
-        limit = args.split_mb * 2**20
-        with open(tar_path, "rb") as f:
-            for k, block in enumerate(iter(lambda: f.read(limit), b"")):
-                (parts / f"wheelhouse.tar.part-{k:02d}").write_bytes(block)
+        split(tar_path, parts, args.split_mb)
         tar_path.unlink()
-        print(f"[wheelhouse] parts of <= {args.split_mb} MB in {parts}")
+        print(f"[wheelhouse] parts of <= {args.split_mb} MiB in {parts}")
     return 0
 
 
