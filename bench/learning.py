@@ -134,13 +134,11 @@ def eval_args(mode: str, weights: str, labeled: Path, p: dict[str, Any], out: Pa
 def evaluate_encoder(name: str, weights: str, labeled: Path, work: Path, p: dict[str, Any],
                      config: str | None) -> dict[str, Any]:
     from selectivemae_ds import finetune
-    from selectivemae_ds.evaluate import run_probe
+    from selectivemae_ds.evaluate import load_labeled, probe
 
     t0 = time.time()
-    probes = {}
-    for mode in ("knn", "linear"):
-        r = run_probe(mode, eval_args(mode, weights, labeled, p, None, config, ["--pool", "mean"]))
-        probes[mode] = r["accuracy"]
+    args = eval_args("knn", weights, labeled, p, None, config, ["--pool", "mean"])
+    probes = probe(args, load_labeled(args))  # the floors come with the fine-tuning report
     ft = finetune.run(eval_args("finetune", weights, labeled, p, work / "finetune" / name, config,
                                 ["--seeds", p["seeds"], "--epochs", str(p["ft_epochs"]),
                                  "--warmup-epochs", str(p["ft_warmup_epochs"])]))

@@ -340,10 +340,22 @@ NEW_IN_CLASSIFIER = frozenset({"head.weight", "head.bias", "fc_norm.weight", "fc
 DROPPED_FROM_ENCODER = frozenset({"norm.weight", "norm.bias"})
 
 
-def init_encoder(config_src: str | os.PathLike[str], overrides: list[str] | None = None) -> Encoder:
+INIT_PRECISIONS = ("bf16", "fp32")
+
+
+def init_encoder(config_src: str | os.PathLike[str], overrides: list[str] | None = None,
+                 precision: str = "bf16") -> Encoder:
     """Our own initialization for a pretraining config (a TOML, or a run directory's
     resolved ``config.toml``): seeded with ``train.seed`` and built exactly as the
-    trainer builds its model, so these are the encoder weights a step-0 checkpoint holds."""
+    trainer builds its model, so these are the encoder weights a step-0 checkpoint holds.
+
+    ``precision`` is the run's DeepSpeed precision: with ``bf16`` (every shipped
+    ds_configs/*.json) DeepSpeed casts the module to bf16 before it makes the fp32 master
+    copy of the trainable parameters, so step 0 holds those rounded to bf16 (frozen ones,
+    such as the fixed sin-cos position embedding, keep their fp32 values); ``fp32`` keeps
+    everything as built."""
+    if precision not in INIT_PRECISIONS:
+        raise ConfigError(f"--init-precision {precision!r}: expected one of {', '.join(INIT_PRECISIONS)}")
     from selectivemae_ds.config import load_config
     from selectivemae_ds.models import build_model, timm_model_name
 
@@ -360,8 +372,15 @@ def init_encoder(config_src: str | os.PathLike[str], overrides: list[str] | None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, cfg.masking)
-    state = {k: v.detach().float().contiguous() for k, v in model.encoder.state_dict().items()}
-    return Encoder(state, timm_model_name(cfg.model), cfg.model.img_size, f"init({path}, seed {cfg.train.seed})")
+    trainable = {name for name, param in model.encoder.named_parameters() if param.requires_grad}
+    state = {}
+    for k, v in model.encoder.state_dict().items():
+        v = v.detach()
+        if precision == "bf16" and k in trainable:
+            v = v.to(torch.bfloat16)
+        state[k] = v.float().contiguous()
+    return Encoder(state, timm_model_name(cfg.model), cfg.model.img_size,
+                   f"init({path}, seed {cfg.train.seed}, {precision})")
 
 
 def read_encoder(path: str | os.PathLike[str], model_name: str | None = None, img_size: int | None = None) -> Encoder:
@@ -379,8 +398,10 @@ def read_encoder(path: str | os.PathLike[str], model_name: str | None = None, im
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{sidecar}: not valid JSON ({e})") from e
+    # The JSON's image size is the one the weights were trained at (their position embedding);
+    # the argument only stands in for a file without one.
     model_name = model_name or meta.get("timm_model")
-    img_size = img_size or meta.get("img_size")
+    img_size = meta.get("img_size") or img_size
     if not model_name or not img_size:
         raise ConfigError(f"--weights {path}: the encoder architecture is unknown: pass --model (e.g. "
                           "vit_base_patch16_224) and --img-size, or keep the .json that smae-export writes beside it")
@@ -392,14 +413,15 @@ def read_encoder(path: str | os.PathLike[str], model_name: str | None = None, im
 
 
 def resolve_encoder(weights: str, *, config: str | None = None, overrides: list[str] | None = None,
-                    model_name: str | None = None, img_size: int | None = None) -> Encoder:
+                    model_name: str | None = None, img_size: int | None = None,
+                    init_precision: str = "bf16") -> Encoder:
     """``init`` (needs ``config``), a run or checkpoint directory (exported through
     ``selectivemae_ds.export`` into a temporary file), or exported weights."""
     if weights == "init":
         if config is None:
             raise ConfigError("--weights init needs --config: the pretraining TOML or run directory whose "
                               "initialization to build")
-        return init_encoder(config, overrides)
+        return init_encoder(config, overrides, init_precision)
     if Path(weights).is_dir():
         import tempfile
 
@@ -532,21 +554,30 @@ def load_labeled(args: argparse.Namespace) -> LabeledSet:
     return LabeledSet(Path(args.data), paths, labels, classes, split)
 
 
-def run_probe(mode: str, args: argparse.Namespace) -> dict:
-    data = load_labeled(args)
+def probe(args: argparse.Namespace, data: LabeledSet, modes: tuple[str, ...] = ("knn", "linear")) -> dict[str, Any]:
+    """Frozen-feature accuracies (one feature pass for all ``modes``) of the encoder of ``args``."""
     encoder = resolve_encoder(args.weights, config=args.config, overrides=args.set, model_name=args.model,
-                              img_size=args.img_size)
+                              img_size=args.img_size, init_precision=args.init_precision)
     model = build_timm(encoder, img_size=args.img_size)
     size = int(args.img_size or encoder.img_size)
     loader = make_loader(ImageDataset(data.paths, data.labels, eval_transform(size)), args.batch, args.workers)
     feats, y = extract_features(model, loader, args.pool)
     tr, te = torch.from_numpy(data.split.train), torch.from_numpy(data.split.test)
-    if mode == "knn":
-        acc = knn_accuracy(feats[tr], y[tr], feats[te], y[te], k=args.k, num_classes=len(data.classes))
-    else:
-        acc = linear_probe_accuracy(feats[tr], y[tr], feats[te], y[te])
-    return {"mode": mode, "accuracy": round(acc, 4), **data.split.describe(), "classes": data.classes,
-            "weights": args.weights, "encoder": encoder.source, "pool": args.pool, "img_size": size,
+    out: dict[str, Any] = {"encoder": encoder.source, "img_size": size}
+    if "knn" in modes:
+        out["knn"] = round(knn_accuracy(feats[tr], y[tr], feats[te], y[te], k=getattr(args, "k", 20),
+                                        num_classes=len(data.classes)), 4)
+    if "linear" in modes:
+        out["linear"] = round(linear_probe_accuracy(feats[tr], y[tr], feats[te], y[te]), 4)
+    return out
+
+
+def run_probe(mode: str, args: argparse.Namespace) -> dict:
+    """``smae-eval knn|linear``: the accuracy and the floors on the same split."""
+    data = load_labeled(args)
+    r = probe(args, data, (mode,))
+    return {"mode": mode, "accuracy": r[mode], **data.split.describe(), "classes": data.classes,
+            "weights": args.weights, "encoder": r["encoder"], "pool": args.pool, "img_size": r["img_size"],
             "floors": floors(data.paths, data.labels, data.split, batch=args.batch, workers=args.workers)}
 
 
@@ -567,6 +598,9 @@ def add_weights_args(p: argparse.ArgumentParser) -> None:
                                     "initialization (model config and train.seed) to build")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="with --weights init: override a key of --config, as smae-pretrain's --set (repeatable)")
+    p.add_argument("--init-precision", choices=INIT_PRECISIONS, default="bf16",
+                   help="with --weights init: the run's DeepSpeed precision; bf16 (every shipped ds_configs JSON) "
+                        "rounds the initialization as step 0 holds it (default bf16)")
     p.add_argument("--model", help="timm architecture of a .safetensors without its .json (e.g. vit_tiny_patch16_224)")
     p.add_argument("--img-size", type=int,
                    help="input size (default: the encoder's; another size resamples the position embedding)")

@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     world = setup_world()
     data = load_labeled(args)
     encoder = resolve_encoder(args.weights, config=args.config, overrides=args.set, model_name=args.model,
-                              img_size=None)
+                              img_size=None, init_precision=args.init_precision)
     results = [finetune_one(encoder, data, recipe, seed, out / f"seed_{seed}", world) for seed in seeds]
     tops = [r["top1"] for r in results]
     report = {"mode": "finetune", "weights": args.weights, "encoder": encoder.source, "classes": data.classes,

@@ -191,12 +191,14 @@ def test_init_is_seeded_and_loads_into_timm(init_enc):
 @pytest.mark.slow
 def test_init_equals_a_step0_export_bit_for_bit(tmp_path, launch_dataset):
     """A trainer built from the config, saved at step 0 (before any step) and exported:
-    the same weights as --weights init of that run's config."""
+    the same weights as --weights init of that run's config (bf16, as the run's DeepSpeed
+    JSON; the fp32 initialization differs by exactly that rounding)."""
     run = tmp_path / "run"
     script = f"""
 import sys
 from selectivemae_ds import checkpoint
-from selectivemae_ds.config import load_config, load_ds_json
+from selectivemae_ds.config import load_config
+from selectivemae_ds.engine import load_ds_json
 from selectivemae_ds.trainer import Trainer
 cfg = load_config({str(DEMO)!r}, ["data.path={launch_dataset}", "run_dir={run}", "train.steps=4"])
 src = {str(REPO / 'ds_configs' / 'cpu_smoke.json')!r}
@@ -215,6 +217,9 @@ t.close()
     assert exported.keys() == init.state.keys()
     for k in exported:
         assert torch.equal(exported[k], init.state[k]), k
+    fp32 = init_encoder(run, precision="fp32").state
+    assert not torch.equal(fp32["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
+    assert torch.equal(fp32["blocks.0.attn.qkv.weight"].bfloat16().float(), exported["blocks.0.attn.qkv.weight"])
 
 
 def test_bad_input_stops_with_a_message_naming_it(tiny_set, tmp_path, capsys, init_enc):
