@@ -664,7 +664,8 @@ def _main(argv: list[str] | None = None) -> int:
         result = finetune.run(args)
     else:
         result = run_probe(args.cmd, args)
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank holds the report; one prints it
+        print(json.dumps(result))
     return 0
 
 

@@ -222,6 +222,32 @@ t.close()
     assert torch.equal(fp32["blocks.0.attn.qkv.weight"].bfloat16().float(), exported["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_train_one_model(tiny_set, tmp_path):
+    """Unchanged under torchrun: 2 gloo ranks (DistributedSampler, DDP), rank 0 reports and saves."""
+    out = tmp_path / "ft"
+    from tests.launch import free_port
+
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "selectivemae_ds.evaluate", "finetune", "--weights", "init", "--config", str(DEMO),
+           "--data", str(tiny_set), "--out", str(out), "--split-by", r"(s\d)_\d+\.png$", "--epochs", "2",
+           "--warmup-epochs", "0", "--img-size", "32", "--batch", "4", "--workers", "0", "--floor-size", "8"]
+    r = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    reports = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"mode"')]
+    assert len(reports) == 1 and reports[0]["world_size"] == 2
+    report = reports[0]
+    # Each rank steps through half the training set: ceil(n_train / 2) / batch 4 steps per epoch.
+    log = [json.loads(x) for x in (out / "seed_0" / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in log] == [1, 2]
+    n_correct = round(log[-1]["test_top1"] * report["n_test"], 6)
+    assert n_correct == int(n_correct)  # a share of the whole test split, not of one rank's part
+    meta = json.loads((out / "seed_0" / "model.json").read_text())
+    model = timm.create_model(meta["timm_model"], num_classes=2, img_size=32, global_pool="avg")
+    model.load_state_dict(load_file(out / "seed_0" / "model.safetensors"), strict=True)
+
+
 def test_bad_input_stops_with_a_message_naming_it(tiny_set, tmp_path, capsys, init_enc):
     common = ["--weights", "init", "--config", str(DEMO), "--out", str(tmp_path / "o"), "--epochs", "1", "--warmup-epochs", "0",
               "--img-size", "32", "--workers", "0"]
