@@ -22,7 +22,7 @@ Steps (each skipped when its output is already in --work, so a run resumes):
    finetune` over --seeds (MAE's recipe, --ft-epochs at --ft-img-size) and kNN / linear probes
    (mean-pooled features); the floors (majority, raw pixels, mean color) on the same split.
    Results are appended to --work/results.json after each encoder.
-6. A plot (--work/learning.png, drawn with PIL) of fine-tuned top-1 against pretraining
+6. A plot (--work/NAME.png, drawn with PIL, beside NAME.json; --eval-name, default results) of fine-tuned top-1 against pretraining
    FLOPs, one line per method with +-1 std bars, the init and raw-pixel floors as lines; and
    the verdict against the targets (>= 5 points over init with the gap > 2 std; SelectiveMAE
    at <= half of MAE's FLOPs reaching MAE's final accuracy).
@@ -132,14 +132,14 @@ def eval_args(mode: str, weights: str, labeled: Path, p: dict[str, Any], out: Pa
 
 
 def evaluate_encoder(name: str, weights: str, labeled: Path, work: Path, p: dict[str, Any],
-                     config: str | None) -> dict[str, Any]:
+                     config: str | None, eval_name: str) -> dict[str, Any]:
     from selectivemae_ds import finetune
     from selectivemae_ds.evaluate import load_labeled, probe
 
     t0 = time.time()
     args = eval_args("knn", weights, labeled, p, None, config, ["--pool", "mean"])
     probes = probe(args, load_labeled(args))  # the floors come with the fine-tuning report
-    ft = finetune.run(eval_args("finetune", weights, labeled, p, work / "finetune" / name, config,
+    ft = finetune.run(eval_args("finetune", weights, labeled, p, work / f"finetune_{eval_name}" / name, config,
                                 ["--seeds", p["seeds"], "--epochs", str(p["ft_epochs"]),
                                  "--warmup-epochs", str(p["ft_warmup_epochs"])]))
     return {"encoder": name, "weights": weights, "knn": probes["knn"], "linear": probes["linear"],
@@ -241,7 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
                         help=f"override the preset's {key} (cpu preset: {value})")
     ap.add_argument("--methods", default=",".join(METHODS), help="methods to pretrain (default all three)")
-    ap.add_argument("--plot-only", action="store_true", help="redraw the plot and verdict from results.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot and verdict from the results JSON")
+    ap.add_argument("--eval-name", default="results",
+                    help="name of this evaluation pass: NAME.json, NAME.png, finetune_NAME/ in --work (default "
+                         "results); a new name re-evaluates the pretrained checkpoints of results.json with other "
+                         "fine-tuning settings")
+    ap.add_argument("--encoders", default=None,
+                    help="comma-separated encoder names to evaluate (default all: init, then each method's "
+                         "checkpoints, newest first), e.g. init,selectivemae_step29")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
     p.update({k: v for k in PRESETS["cpu"] if (v := getattr(args, k)) is not None})
@@ -250,16 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(p["threads"])
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.json"
+    results_path = work / f"{args.eval_name}.json"
+    plot_path = work / f"{args.eval_name}.png"
     if args.plot_only:
         result = json.loads(results_path.read_text())
         result["verdict"] = verdict(result)
         results_path.write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, work / "learning.png")
+        plot(result, plot_path)
         print(json.dumps(result["verdict"], indent=1))
         return 0
     methods = [m for m in args.methods.split(",") if m]
     result: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not result and (work / "results.json").is_file():
+        # Another evaluation pass over the same pretraining: keep its sweep and runs.
+        first = json.loads((work / "results.json").read_text())
+        result = {k: first[k] for k in ("sweep", "pretrain", "started") if k in first}
     result.update({"preset": args.preset, "params": p, "methods": methods, "started": result.get("started") or
                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": {
                        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         result["verdict"] = verdict(result)
         results_path.write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, work / "learning.png")
+        plot(result, plot_path)
 
     from selectivemae_ds.evaluate import build_treecrown_set, list_image_folder, make_split
 
@@ -320,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
             result["sweep"][method] = {"steps": sweep_steps, "by_lr": table, "chosen_lr": float(chosen)}
             save()
         lr = result["sweep"][method]["chosen_lr"]
-        ckpt_steps = sorted({max(1, round(f * steps)) for f in fractions})
-        every = ckpt_steps[0]
-        if any(s % every for s in ckpt_steps):
-            every = int(np.gcd.reduce(ckpt_steps))
+        # Checkpoints every `every` steps (the smallest fraction), and the trainer always saves the last step.
+        every = max(1, round(min(fractions) * steps))
+        ckpt_steps = sorted({min(steps, max(every, round(f * steps / every) * every)) for f in fractions if f < 1}
+                            | {steps})
         run_dir = work / "runs" / method
         t0 = time.time()
         if method not in result["pretrain"]:
@@ -348,15 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         for m, ck in finals:
             if len(ck) >= depth:
                 jobs.append((f"{m}_step{ck[-depth]}", m, ck[-depth], "", None))
+    wanted = set(args.encoders.split(",")) if args.encoders else None
     for name, method, step, weights, config in jobs:
-        if name in done:
+        if name in done or (wanted is not None and name not in wanted):
             continue
         if method is not None:
             weights = str(work / "encoders" / f"{name}.safetensors")
             if not Path(weights).is_file():
                 export(work / "runs" / method / "checkpoints" / f"step_{step:08d}", weights)
         log(f"evaluating {name}")
-        e = evaluate_encoder(name, weights, labeled, work, p, config)
+        e = evaluate_encoder(name, weights, labeled, work, p, config, args.eval_name)
         e["method"] = method
         e["step"] = step
         e["pretrain_flops"] = (result["pretrain"][method]["flops_per_image"] * p["batch"] * step) if method else 0.0
@@ -366,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['seconds']} s")
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     save()
-    print(json.dumps({"verdict": result["verdict"], "results": str(results_path), "plot": str(work / "learning.png")}))
+    print(json.dumps({"verdict": result["verdict"], "results": str(results_path), "plot": str(plot_path)}))
     return 0
 
 
