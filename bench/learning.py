@@ -197,7 +197,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for e in pts:
         ys += [e["finetune"]["mean"] - e["finetune"]["std"], e["finetune"]["mean"] + e["finetune"]["std"]]
     lo, hi = max(0.0, min(ys) - 0.03), min(1.0, max(ys) + 0.03)
-    xmax = max([e["pretrain_flops"] for e in pts] + [1.0]) / 1e12
+    xmax = max((e["pretrain_flops"] for e in pts), default=1e12) / 1e12
 
     def xy(x: float, y: float) -> tuple[float, float]:
         return L + (W - L - R) * x / xmax, T + (H - T - B) * (1 - (y - lo) / (hi - lo))
@@ -229,8 +229,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
             _, y1 = xy(0, e["finetune"]["mean"] + e["finetune"]["std"])
             d.line([x, y0, x, y1], fill=colors[method], width=1)
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colors[method])
-        d.text((W - R + 8, T + 10 + 16 * i), method, fill=colors[method])
+        d.text((W - R + 8, H - B - 56 + 16 * i), f"- {method}", fill=colors[method])
     img.save(path)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The evaluations as a markdown table (what bench/RESULTS.md quotes)."""
+    rows = ["| encoder | pretraining TFLOPs | fine-tuned top-1 per seed | mean +- std | kNN | linear |",
+            "|---|---|---|---|---|---|"]
+    for e in sorted(result["evals"], key=lambda e: (e.get("method") or "", e["pretrain_flops"])):
+        rows.append(f"| {e['encoder']} | {e['pretrain_flops'] / 1e12:.3f} | "
+                    f"{', '.join(f'{x:.4f}' for x in e['finetune_top1'])} | "
+                    f"{e['finetune']['mean']:.4f} +- {e['finetune']['std']:.4f} | {e['knn']:.4f} | {e['linear']:.4f} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         result["verdict"] = verdict(result)
         results_path.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, plot_path)
+        print(markdown_table(result))
         print(json.dumps(result["verdict"], indent=1))
         return 0
     methods = [m for m in args.methods.split(",") if m]

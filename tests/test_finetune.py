@@ -299,3 +299,12 @@ def main_raises(argv: list[str]) -> None:
     from selectivemae_ds.evaluate import _main
 
     _main(argv)
+
+
+def test_mixup_cutmix_path_trains_with_soft_targets(tiny_set, init_enc):
+    data = _data(tiny_set)
+    r = finetune_one(init_enc, data, Recipe(epochs=1, mixup=0.8, cutmix=1.0, **FAST), seed=0, out_dir=None,
+                     log=False)
+    # Mixup needs even batches: the last partial batch is dropped (17 training images, batch 8).
+    assert r["steps_per_epoch"] == data.split.train.size // 8
+    assert np.isfinite(r["epochs"][0]["train_loss"])
