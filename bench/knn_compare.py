@@ -1,4 +1,4 @@
-"""kNN / linear-probe accuracy of random init vs MAE vs SelectiveMAE after the same short
+"""kNN / linear-probe accuracy of our initialization vs MAE vs SelectiveMAE after the same short
 CPU pretraining on the bundled images; prints one JSON object.
 
     .venv/bin/python bench/knn_compare.py --work /tmp/knn --steps 300
@@ -8,8 +8,12 @@ CPU pretraining on the bundled images; prints one JSON object.
 2. `smae-pretrain` the demo model (ViT-tiny, 64 px, decoder depth 2 / width 128) once per
    method with the same steps, batch, data and seed (lr from each method's rule).
 3. `smae-export` both; `smae-eval make-treecrowns` builds the labeled set from the
-   bundled crown annotations; `smae-eval knn` / `linear` for random init, MAE and
-   SelectiveMAE with cls and mean pooling.
+   bundled crown annotations; `smae-eval knn` / `linear` for our own initialization
+   (`--weights init` of the MAE run: the weights its step 0 held), MAE and SelectiveMAE
+   with cls and mean pooling.
+
+Superseded by bench/learning.py (64 patches, an lr sweep, fine-tuning over seeds, a
+scene-disjoint split); kept because bench/RESULTS.md quotes it.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     records = json.loads((data / "manifest.json").read_text())["count"]
     result: dict = {"records": records, "steps": args.steps, "global_batch": args.batch, "pretrain_seconds": {},
                     "final_loss": {}, "eval": []}
-    weights = {"random": "random"}
+    weights = {"init": "init"}
     for method in ("mae", "selectivemae"):
         run_dir = work / f"run_{method}"
         out = work / f"{method}.safetensors"
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, w in weights.items():
         for mode in ("knn", "linear"):
             for pool in ("cls", "mean"):
-                extra = ["--model", "vit_tiny_patch16_224", "--img-size", "64"] if w == "random" else []
+                extra = ["--config", str(work / "run_mae")] if w == "init" else []
                 line = run([str(BIN / "smae-eval"), mode, "--weights", w, "--data", str(labeled), "--pool", pool,
                             *extra])
                 r = json.loads(line)

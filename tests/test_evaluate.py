@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
+from selectivemae_ds import evaluate
+from selectivemae_ds.errors import DataError
 from selectivemae_ds.evaluate import (build_treecrown_set, fixed_split, knn_accuracy, linear_probe_accuracy,
-                                      list_image_folder, main)
+                                      list_image_folder, load_images, main)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +59,9 @@ def test_linear_probe_separates_separable_features():
     assert linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:]) >= 0.95
 
 
-def test_cli_knn_prints_counts_on_the_real_set(treecrowns, capsys):
+def test_cli_knn_prints_counts_and_floors_on_the_real_set(treecrowns, capsys):
     out, counts = treecrowns
-    rc = main(["knn", "--weights", "random", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+    rc = main(["knn", "--weights", "init", "--config", "configs/demo.toml", "--img-size", "32", "--workers", "0",
                "--data", str(out)])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
@@ -66,11 +70,43 @@ def test_cli_knn_prints_counts_on_the_real_set(treecrowns, capsys):
     assert result["n_test"] == round(counts["tree"] * 0.3) + round(counts["background"] * 0.3)
     assert result["classes"] == ["background", "tree"]
     assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["encoder"].startswith("init(") and result["img_size"] == 32
+    assert set(result["floors"]) == {"majority", "raw_pixels_knn", "raw_pixels_linear", "mean_color_knn",
+                                     "mean_color_linear"}
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
-    assert main(["knn", "--weights", "random", "--data", str(tmp_path / "none")]) == 2
+    assert main(["knn", "--weights", "init", "--data", str(tmp_path / "none")]) == 3
     assert "not a directory" in capsys.readouterr().err
     (tmp_path / "a").mkdir()
-    assert main(["linear", "--weights", "random", "--data", str(tmp_path)]) == 2
+    assert main(["linear", "--weights", "init", "--data", str(tmp_path)]) == 3
     assert ">= 2 class folders" in capsys.readouterr().err
+
+
+def test_empty_class_folder_is_refused_not_scored(tmp_path, capsys):
+    """Once reported "accuracy": 1.0 over classes [a, b] with b empty."""
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+    for k in range(4):
+        Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(tmp_path / "a" / f"{k}.png")
+    assert main(["knn", "--weights", "init", "--config", "configs/demo.toml", "--data", str(tmp_path)]) == 3
+    assert f"--data {tmp_path}: class folder 'b' holds no images" in capsys.readouterr().err
+
+
+def test_non_image_file_is_a_data_error_naming_it(tmp_path):
+    """eval and visualize read images through load_images: a text file named .png stops there."""
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (16, 16)).save(good)
+    bad.write_text("not a png")
+    assert load_images([good], 8).shape == (1, 3, 8, 8)
+    with pytest.raises(DataError, match=f"{bad}: not a readable image"):
+        load_images([good, bad], 8)
+
+
+def test_make_treecrowns_assets_default_and_installed_wheel(tmp_path, monkeypatch, capsys):
+    assert evaluate.bundled_assets() is not None  # a source checkout
+    monkeypatch.setattr(evaluate, "bundled_assets", lambda: None)  # what an installed wheel sees
+    assert main(["make-treecrowns", "--out", str(tmp_path / "tc")]) == 2
+    assert "--assets is required here" in capsys.readouterr().err
+    assert main(["make-treecrowns", "--assets", str(tmp_path), "--out", str(tmp_path / "tc")]) == 3
+    assert "no VOC .xml annotations" in capsys.readouterr().err
