@@ -117,7 +117,8 @@ def check_outputs(out: str | os.PathLike[str], force: bool = False) -> tuple[Pat
     out = Path(out)
     sidecar = sidecar_path(out)
     if out.is_dir():
-        raise ConfigError(f"--out {out}: is a directory; give the weights file to write, e.g. {out / 'encoder.safetensors'}")
+        raise ConfigError(f"--out {out}: is a directory; give the weights file to write, "
+                          f"e.g. {out / 'encoder.safetensors'}")
     if out.suffix.lower() == ".json":
         raise ConfigError(f"--out {out}: ends in .json, the name of the metadata file written beside the weights "
                           f"({sidecar}); use e.g. {out.with_suffix('.safetensors')}")
