@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from selectivemae_ds.benchmark import cli, e2e, loader, model
+from selectivemae_ds.errors import EXIT_CONFIG, ConfigError
 from tests.shard_fixtures import build_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +79,42 @@ def test_e2e_mode_reports_a_config_error(dataset: Path) -> None:
                         "--deepspeed-config", "ds_configs/cpu_smoke.json"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "train.global_batch" in r.stderr, r.stderr[-2000:]
+
+
+def test_unknown_mode_is_a_config_error(capsys) -> None:
+    assert cli.main(["nope"]) == EXIT_CONFIG
+    assert "config error: smae-bench: unknown mode 'nope' (choose from model, loader, e2e)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch and --steps must be >= 1"),
+    (["--progress", "2"], "--progress must be in [0, 1], got 2.0"),
+    (["--size", "tiny", "--img-size", "50"], "model.img_size: must be a positive multiple of the patch size 16"),
+])
+def test_model_mode_refuses_bad_flags_before_building(argv: list[str], message: str, capsys) -> None:
+    assert cli.main(["model", "--device", "cpu", *argv]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and message in err, err
+
+
+def test_e2e_default_deepspeed_config_does_not_depend_on_the_working_directory(tmp_path, monkeypatch) -> None:
+    """Before: the default was the relative path ds_configs/zero2.json, missing outside a checkout's root."""
+    monkeypatch.chdir(tmp_path)
+    default = e2e.build_parser().parse_args(["--data", "x"]).deepspeed_config
+    resolved = e2e.resolve_ds_config(default)
+    assert resolved.is_file() and resolved.name == "zero2.json"
+    assert json.loads(resolved.read_text()) == json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    assert e2e.resolve_ds_config("zero3.json").name == "zero3.json"
+    (tmp_path / "mine.json").write_text("{}")
+    assert e2e.resolve_ds_config("mine.json") == Path("mine.json")  # an existing file wins
+    with pytest.raises(ConfigError, match=r"--deepspeed-config zero9: no such file, nor a bundled config "
+                                          r"\(cpu_smoke, zero1, zero2, zero3\)"):
+        e2e.resolve_ds_config("zero9")
+    with pytest.raises(ConfigError, match="--deepspeed-config sub/zero2.json: no such file$"):
+        e2e.resolve_ds_config("sub/zero2.json")
+
+
+@pytest.mark.parametrize("module", [e2e, loader, model])
+def test_every_flag_has_help(module) -> None:
+    for action in module.build_parser()._actions:
+        assert action.help, (module.__name__, action.dest)
