@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_DECODER = ["--set", "model.decoder_depth=2", "--set", "model.decoder_dim=128", "--set", "model.decoder_heads=4"]
 
 
-def bench(*argv: str, timeout: float = 120) -> dict[str, Any]:
+def bench(*argv: str, timeout: float = 600) -> dict[str, Any]:
     """Run `smae-bench ARGV` and return the JSON record on the last line of stdout."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     r = subprocess.run([sys.executable, "-m", "selectivemae_ds.benchmark.cli", *argv], cwd=REPO, env=env,
@@ -59,7 +59,7 @@ def test_loader_mode_prints_a_record(dataset: Path) -> None:
 def test_e2e_mode_runs_the_trainer_on_cpu(dataset: Path) -> None:
     rec = bench("e2e", "--data", str(dataset), "--size", "tiny", "--img-size", "64", "--batch", "8",
                 "--micro-batch", "4", "--steps", "2", "--warmup", "1", "--deepspeed-config",
-                "ds_configs/cpu_smoke.json", "--device", "cpu", "--workers", "1", "--decode-threads", "1",
+                "cpu_smoke", "--device", "cpu", "--workers", "1", "--decode-threads", "1",
                 "--prefetch", "1", *SMALL_DECODER)
     assert rec["mode"] == "e2e" and rec["method"] == "selectivemae" and rec["size"] == "tiny"
     assert rec["batch"] == 8 and rec["micro_batch"] == 4 and rec["accum"] == 2
@@ -67,6 +67,7 @@ def test_e2e_mode_runs_the_trainer_on_cpu(dataset: Path) -> None:
     assert rec["img_per_s"] > 0 and 0 <= rec["data_wait_fraction"] < 1
     assert rec["peak_mem_gb"] is None and rec["device_used_gb"] is None and rec["mfu"] is None
     assert rec["device"] == "cpu" and rec["decode_device"] == "cpu" and rec["zero_stage"] == 2
+    assert rec["deepspeed_config"] == str(REPO / "ds_configs" / "cpu_smoke.json")  # the bundled one, by name
     # --progress 0.5 (default) puts the steps in PSTS's far stage (id 1).
     assert rec["psts_stage_id"] == 1.0 and abs(rec["progress"] - 0.5) < 0.01
     assert rec["versions"]["deepspeed"] and rec["versions"]["dali"]
@@ -77,8 +78,8 @@ def test_e2e_mode_reports_a_config_error(dataset: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "selectivemae_ds.benchmark.cli", "e2e", "--data", str(dataset),
                         "--size", "tiny", "--img-size", "64", "--batch", "6", "--micro-batch", "4", "--device", "cpu",
                         "--deepspeed-config", "ds_configs/cpu_smoke.json"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "train.global_batch" in r.stderr, r.stderr[-2000:]
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "config error: train.global_batch" in r.stderr, r.stderr[-2000:]
 
 
 def test_unknown_mode_is_a_config_error(capsys) -> None:
