@@ -143,3 +143,17 @@ def test_python_floor_is_stated_the_same_everywhere() -> None:
     assert "sys.version_info >= (3, 11)" in (REPO / "scripts" / "bootstrap.sh").read_text()
     readme = (REPO / "README.md").read_text()
     assert "Python >= 3.11" in readme and "3.10" not in readme
+
+
+def test_readme_exit_codes_are_the_errors_modules() -> None:
+    """The README's short table lists exactly the codes selectivemae_ds.errors defines (its source)."""
+    import re
+
+    from selectivemae_ds import errors
+
+    section = (REPO / "README.md").read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| (\d+|128\+N) \|", section, flags=re.MULTILINE)
+    defined = sorted(v for k, v in vars(errors).items() if k.startswith("EXIT_"))
+    assert listed == [str(v) for v in defined] + ["128+N"]
+    for kind in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.RunError):
+        assert f"``{kind.__name__}``" in errors.__doc__
