@@ -12,7 +12,7 @@ JSON with an ``error`` and the rest still runs), in this order:
    (img/s, HOG+PSTS share of the step, MFU, peak memory); needs only torch and timm;
 2. ``tests-model``: ``pytest -m gpu tests/test_gpu_model.py`` (no DALI, zarr or DeepSpeed);
 3. a benchmark dataset (for the next three): real JPEG crops of ``assets/neon``
-   (``tests.shard_fixtures.build_dataset``, seeded), reused when already built;
+   (``selectivemae_ds.data.crops.build_crop_dataset``, seeded), reused when already built;
 4. ``e2e``: selectivemae at the "B" size through DALI mixed decode and the DeepSpeed engine (ZeRO-2);
 5. ``loader``: the DALI pipeline alone (mixed decode on CUDA), no baseline unless asked;
 6. ``memory``: ``e2e`` at the "L" size with micro-batch 1024 under ZeRO-2 (peak allocated memory);
@@ -178,9 +178,9 @@ def build_dataset(suite: Suite, args: argparse.Namespace) -> tuple[Path | None, 
     if (root / "manifest.json").is_file():
         print(f"[suite] dataset: reusing {root}", flush=True)
         return root, None
-    program = ("from tests.shard_fixtures import build_dataset; "
-               f"build_dataset({str(root)!r}, {str(REPO / 'assets' / 'neon')!r}, count={args.count}, shards=4, "
-               f"min_side={args.min_side}, max_side={args.max_side})")
+    program = ("from selectivemae_ds.data.crops import build_crop_dataset; "
+               f"build_crop_dataset({str(root)!r}, {str(REPO / 'assets' / 'neon')!r}, count={args.count}, "
+               f"shards=4, min_side={args.min_side}, max_side={args.max_side})")
     rc, _out, err, seconds, error = suite.subprocess(["-c", program], 300)
     print(f"[suite] dataset: {args.count} crops {args.min_side}-{args.max_side} px in {root} "
           f"({seconds:.1f} s){'' if error is None else ' FAILED: ' + error}", flush=True)

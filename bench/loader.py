@@ -3,7 +3,7 @@
     .venv/bin/python bench/loader.py --pack-dir /tmp/smae-bench-neon [smae-bench loader options]
 
 The dataset is ``--count`` random crops (default 256-512 px a side) of the real aerial images
-in assets/neon, JPEG quality 90 (tests/shard_fixtures.py builds it; seeded, so every
+in assets/neon, JPEG quality 90 (selectivemae_ds.data.crops builds it; seeded, so every
 machine benchmarks the same bytes). ``--data`` is filled in from ``--pack-dir``.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from selectivemae_ds.benchmark import loader  # noqa: E402
-from tests.shard_fixtures import build_dataset  # noqa: E402
+from selectivemae_ds.data.crops import build_crop_dataset  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     ours, rest = p.parse_known_args(argv)
     root = Path(ours.pack_dir)
     if not (root / "manifest.json").is_file():
-        build_dataset(root, REPO / "assets" / "neon", count=ours.count, shards=2,
+        build_crop_dataset(root, REPO / "assets" / "neon", count=ours.count, shards=2,
                       min_side=ours.min_side, max_side=ours.max_side)
     return loader.main(["--data", str(root), *rest])
 

@@ -4,7 +4,7 @@ index) vs zarr-python's array API, on the same records in one run; prints one JS
     .venv/bin/python bench/shard_read.py --work /tmp/shard_read [--count 256] [--rounds 5]
 
 The dataset is `--count` real JPEG crops (96-200 px a side) of the bundled NEON images,
-written by tests/shard_fixtures.build_dataset (seeded).
+written by selectivemae_ds.data.crops.build_crop_dataset (seeded).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from selectivemae_ds.data.crops import build_crop_dataset  # noqa: E402
 from selectivemae_ds.data.shards import ShardedDataset  # noqa: E402
-from tests.shard_fixtures import build_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = args.work / "data"
     if not (root / "manifest.json").is_file():
-        build_dataset(root, REPO / "assets" / "neon", count=args.count, shards=2)
+        build_crop_dataset(root, REPO / "assets" / "neon", count=args.count, shards=2)
     ds = ShardedDataset(root)
     n = len(ds)
     spans = []

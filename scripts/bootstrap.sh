@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root with the pinned dependencies and the
 # project installed in editable mode. Idempotent: reinstalls only when the
-# requirement files or setup.py change. Needs python3 (>= 3.10) with venv.
+# requirement files or setup.py change. Needs python3 (>= 3.11: tomllib, numpy 2.4) with venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python >= 3.10 is required")'
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (tomllib, numpy 2.4), found " + sys.version.split()[0])'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.smae-installed
 want=$(cat requirements/*.txt setup.py | sha256sum | cut -d' ' -f1)

@@ -10,8 +10,14 @@ universal checkpoint, loaded strictly into the model the checkpoint's resolved c
 describes, and the encoder's state dict (timm key names by construction) is written
 as safetensors. The architecture is checked against timm's before anything is
 written, so ``timm.create_model(NAME, num_classes=0, img_size=S)`` loads it strictly.
-A JSON beside the weights (same name, ``.json``) records method, size, image size,
-the timm architecture, steps and the resolved config; ``smae-eval`` reads it.
+A JSON beside the weights (the output's name with its suffix replaced by ``.json``,
+so ``--out`` itself must not end in ``.json``) records method, size, image size, the
+timm architecture, steps, the weights' sha256 and the resolved config; ``smae-eval``
+reads it. Both files are replaced atomically with the usual permissions (0644 under
+umask 022); existing files are kept unless ``--force``.
+
+Exit codes are the project's (``selectivemae_ds.errors``): 2 for a wrong flag or
+output path, 4 for a checkpoint that is missing, incomplete or unusable.
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from selectivemae_ds import checkpoint
+from selectivemae_ds.atomic import atomic_write_bytes, atomic_write_text, check_writable_dir
+from selectivemae_ds.errors import CheckpointError, ConfigError, run_cli
 from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, timm_model_name
 
 
@@ -34,15 +41,15 @@ def resolve_tag(src: str | os.PathLike[str]) -> Path:
     """A complete checkpoint tag from a run directory or a tag directory."""
     path = Path(src)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
+        raise ConfigError(f"{path}: no such run or checkpoint directory")
     if (path / checkpoint.CLIENT_STATE).is_file() or checkpoint.TAG_RE.match(path.name):
         if not checkpoint.is_complete(path):
-            raise ValueError(f"{path}: checkpoint is incomplete (no {checkpoint.COMPLETE} marker); "
-                             "its write was interrupted, export an earlier one")
+            raise CheckpointError(f"{path}: checkpoint is incomplete (no {checkpoint.COMPLETE} marker); "
+                                  "its write was interrupted, use an earlier one")
         return path
     tag = checkpoint.newest_complete(path / "checkpoints")
     if tag is None:
-        raise ValueError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
+        raise CheckpointError(f"{path}: no complete checkpoint under {path / 'checkpoints'}")
     return tag
 
 
@@ -91,14 +98,48 @@ def check_against_timm(encoder_state: dict[str, torch.Tensor], name: str, img_si
     wrong = sorted(k for k in set(reference) & set(encoder_state)
                    if tuple(reference[k].shape) != tuple(encoder_state[k].shape))
     if missing or unexpected or wrong:
-        raise ValueError(f"encoder does not match timm's {name}: missing {missing[:5]}, unexpected "
+        raise CheckpointError(f"encoder does not match timm's {name}: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
 
 
-def export(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write the encoder of ``src`` to ``out`` (+ ``.json``); return the JSON's content."""
-    from safetensors.torch import save_file
+def sidecar_path(out: str | os.PathLike[str]) -> Path:
+    """The metadata JSON written beside exported weights (``smae-eval`` reads the same name)."""
+    return Path(out).with_suffix(".json")
 
+
+def check_outputs(out: str | os.PathLike[str], force: bool = False) -> tuple[Path, Path]:
+    """(weights, sidecar) paths for ``--out``, refused before any loading when they cannot be written.
+
+    ConfigError when ``out`` is a directory, ends in ``.json`` (its sidecar would be the
+    weights file itself), lies in a directory that cannot be written, or when either file
+    exists and ``force`` is false.
+    """
+    out = Path(out)
+    sidecar = sidecar_path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give the weights file to write, "
+                          f"e.g. {out / 'encoder.safetensors'}")
+    if out.suffix.lower() == ".json":
+        raise ConfigError(f"--out {out}: ends in .json, the name of the metadata file written beside the weights "
+                          f"({sidecar}); use e.g. {out.with_suffix('.safetensors')}")
+    if sidecar.is_dir():
+        raise ConfigError(f"--out {out}: its metadata file {sidecar} is a directory")
+    check_writable_dir(out.parent, "--out")
+    if not force:
+        existing = [str(p) for p in (out, sidecar) if p.exists()]
+        if existing:
+            raise ConfigError(f"--out {out}: {' and '.join(existing)} already exist(s); pass --force to replace")
+    return out, sidecar
+
+
+def export(src: str | os.PathLike[str], out: str | os.PathLike[str], force: bool = False) -> dict[str, Any]:
+    """Write the encoder of ``src`` to ``out`` (+ its ``.json`` sidecar); return the JSON's content.
+
+    The output paths are checked (:func:`check_outputs`) before the checkpoint is read.
+    """
+    from safetensors.torch import save
+
+    out, sidecar = check_outputs(out, force)
     tag = resolve_tag(src)
     client = checkpoint.read_client_state(tag)
     model_cfg, masking_cfg = _configs(client)
@@ -109,16 +150,9 @@ def export(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str
     name = timm_model_name(model_cfg)
     check_against_timm(encoder, name, model_cfg.img_size)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temp name and rename: a crash never leaves a truncated file under `out`.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(encoder, tmp, metadata={"format": "pt", "timm_model": name})
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    weights = save(encoder, metadata={"format": "pt", "timm_model": name})
+    # Weights first, sidecar last: a crash in between leaves a sidecar whose sha256 does not match.
+    atomic_write_bytes(out, weights)
     meta = {
         "timm_model": name,
         "img_size": model_cfg.img_size,
@@ -127,29 +161,38 @@ def export(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str
         "steps": client.get("step"),
         "samples_seen": client.get("samples_seen"),
         "checkpoint": str(tag),
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "sha256": hashlib.sha256(weights).hexdigest(),
         "load_with": f"timm.create_model({name!r}, num_classes=0, img_size={model_cfg.img_size}) "
                      "then load_state_dict(safetensors.torch.load_file(path), strict=True)",
         "config": client.get("config"),
     }
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="smae-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="run directory (newest complete checkpoint) or a checkpoint tag directory")
-    ap.add_argument("--out", required=True, help="output .safetensors (a .json with the same stem is written beside)")
-    args = ap.parse_args(argv)
-    try:
-        meta = export(args.src, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"smae-export: error: {e}", file=sys.stderr)
-        return 2
+    ap.add_argument("--out", required=True,
+                    help="weights file to write, e.g. encoder.safetensors; the metadata goes to the same name "
+                         "with the suffix .json (so --out must not end in .json)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace the weights and metadata files when they already exist (default: refuse)")
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    meta = export(args.src, args.out, force=args.force)
     print(f"smae-export: {args.out} ({meta['timm_model']}, img_size {meta['img_size']}, {meta['method']} "
           f"after {meta['steps']} steps) from {meta['checkpoint']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit codes from :mod:`selectivemae_ds.errors`."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 One function, :func:`picture_grid`, draws the grid; the trainer puts it into
 TensorBoard every ``train.picture_every`` steps and ``smae-visualize`` writes it as
-a PNG for a checkpoint and some images:
+a picture (PNG, or any format Pillow writes, from ``--out``'s extension) for a checkpoint
+and some images:
 
     smae-visualize RUN_DIR_OR_CHECKPOINT IMAGE [IMAGE ...] --out grid.png [--progress 0.2]
 
@@ -14,6 +15,7 @@ predictions pasted into the target positions, un-normalized per patch).
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -22,7 +24,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from selectivemae_ds.atomic import atomic_write_bytes, check_writable_dir
 from selectivemae_ds.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from selectivemae_ds.errors import ConfigError, DataError, run_cli
 
 COLUMNS = ("input", "hog", "visible", "targets", "reconstruction")
 
@@ -78,52 +82,87 @@ def picture_grid(imgs: Tensor, details: dict[str, Tensor], patch: int, max_image
     return torch.cat(list(rows), dim=1).cpu()
 
 
-def save_png(grid: Tensor, path: str | Path) -> None:
-    """(3, H, W) in [0, 1] -> 8-bit PNG."""
+def image_format(path: str | Path) -> str:
+    """The Pillow format that writes ``path`` (from its extension) as an 8-bit RGB image.
+
+    ConfigError naming the path when the extension is missing, unknown to Pillow, or names
+    a format that cannot hold an RGB picture: checked before any compute.
+    """
+    suffix = Path(path).suffix.lower()
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix)
+    if not suffix or fmt is None or fmt not in Image.SAVE:
+        raise ConfigError(f"--out {path}: {'no' if not suffix else 'unknown'} image extension "
+                          f"{suffix!r}; use e.g. .png or .jpg")
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--out {path}: Pillow's {fmt} writer cannot store an RGB picture ({e})") from e
+    return fmt
+
+
+def save_image(grid: Tensor, path: str | Path) -> None:
+    """(3, H, W) in [0, 1] -> 8-bit image at ``path`` (format from the extension), replaced atomically."""
     arr = (grid.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=image_format(path))
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smae-visualize", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="run directory (newest complete checkpoint) or a checkpoint tag directory")
+    ap.add_argument("images", nargs="+", help="image files (center square crop, resized to the model's size)")
+    ap.add_argument("--out", required=True,
+                    help="picture to write; the extension picks the format (.png, .jpg, .webp, ...); replaced "
+                         "if it exists")
+    ap.add_argument("--progress", type=float, default=None,
+                    help="training progress in [0, 1] that sets the PSTS stage (default: the checkpoint's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the token selection's randomness")
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
     from selectivemae_ds import checkpoint
     from selectivemae_ds.evaluate import load_images
     from selectivemae_ds.export import load_fp32_state, resolve_tag
     from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
 
-    ap = argparse.ArgumentParser(prog="smae-visualize", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="run directory (newest complete checkpoint) or a checkpoint tag directory")
-    ap.add_argument("images", nargs="+", help="image files (center square crop, resized to the model's size)")
-    ap.add_argument("--out", required=True, help="output PNG")
-    ap.add_argument("--progress", type=float, default=None,
-                    help="training progress in [0, 1] that sets the PSTS stage (default: the checkpoint's)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the token selection's randomness")
-    args = ap.parse_args(argv)
-    try:
-        tag = resolve_tag(args.src)
-        client = checkpoint.read_client_state(tag)
-        config = client["config"]
-        model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {})))
-        model.load_state_dict(load_fp32_state(tag), strict=True)
-        missing = [p for p in args.images if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"no such image(s): {', '.join(missing)}")
-        progress = args.progress
-        if progress is None:
-            progress = client["step"] / max(int(config["train"]["steps"]), 1)
-        if not 0.0 <= progress <= 1.0:
-            raise ValueError(f"--progress must be in [0, 1], got {progress}")
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"smae-visualize: error: {e}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    # Everything a user can get wrong on the command line is refused before the checkpoint is read.
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give the picture file to write, e.g. {out / 'grid.png'}")
+    image_format(out)
+    check_writable_dir(out.parent, "--out")
+    if args.progress is not None and not 0.0 <= args.progress <= 1.0:
+        raise ConfigError(f"--progress must be in [0, 1], got {args.progress}")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"no such image(s): {', '.join(missing)}")
+
+    tag = resolve_tag(args.src)
+    client = checkpoint.read_client_state(tag)
+    config = client["config"]
+    model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {})))
+    model.load_state_dict(load_fp32_state(tag), strict=True)
+    progress = args.progress
+    if progress is None:
+        progress = client["step"] / max(int(config["train"]["steps"]), 1)
     imgs = load_images([Path(p) for p in args.images], model.model_cfg.img_size, center_crop=True)
     torch.manual_seed(args.seed)
     with torch.no_grad():
         details = model.eval().forward_details(imgs, float(progress))
-    save_png(picture_grid(imgs, details, model.patch_size, max_images=len(args.images)), args.out)
-    print(f"smae-visualize: {args.out} ({len(args.images)} image(s) x columns {' | '.join(COLUMNS)}; "
+    save_image(picture_grid(imgs, details, model.patch_size, max_images=len(args.images)), out)
+    print(f"smae-visualize: {out} ({len(args.images)} image(s) x columns {' | '.join(COLUMNS)}; "
           f"checkpoint {tag}, progress {progress:.2f})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit codes from :mod:`selectivemae_ds.errors`."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

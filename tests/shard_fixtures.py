@@ -1,74 +1,21 @@
-"""Build small packed datasets from the bundled real images, for tests and benchmarks.
+"""Datasets for tests: the seeded crop datasets of the bundled images, and damage done on purpose.
 
-Until ``smae-pack`` lands this is the one way tests get a schema-1 dataset: random
-crops (96-200 px a side by default) of the NEON aerial images in ``assets/neon``,
-JPEG-encoded with Pillow and written with :class:`ShardWriter` + :func:`write_manifest`.
-Everything is seeded, so two builds with the same arguments hold the same bytes.
-
-Helpers to damage a dataset on purpose (for the bad-record tests) live here too.
+``build_dataset`` and ``source_images`` are :mod:`selectivemae_ds.data.crops` (where the
+benchmarks get them too); the helpers that damage a dataset (for the bad-record tests)
+live here.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import zarr
-from PIL import Image
 
-from selectivemae_ds.data.shards import ShardedDataset, ShardWriter, shard_name, write_manifest
+from selectivemae_ds.data.crops import build_crop_dataset as build_dataset
+from selectivemae_ds.data.crops import source_images
+from selectivemae_ds.data.shards import ShardedDataset
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-
-
-def source_images(assets_dir: str | Path) -> list[Path]:
-    """The decodable RGB images among the bundled assets, in a fixed (sorted) order."""
-    paths = sorted(p for p in Path(assets_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"{assets_dir}: no images to cut crops from")
-    return paths
-
-
-def build_dataset(out_dir: str | Path, assets_dir: str | Path, *, count: int = 48, shards: int = 3,
-                  min_side: int = 96, max_side: int = 200, quality: int = 90, seed: int = 0,
-                  junk: tuple[int, ...] = ()) -> Path:
-    """Write ``count`` real JPEG crops into ``shards`` shards under ``out_dir``.
-
-    Crop k comes from image ``k % len(images)`` with a random box of height and width
-    drawn independently in [min_side, max_side], both capped by the image's size (so
-    aspect ratios vary, which exercises RandomResizedCrop's fallback path). Records listed in ``junk`` are written as bytes
-    that are not an image but carry a valid crc32: they pass the reader's checksum and
-    must be caught by the pipeline's own header check.
-
-    Returns ``out_dir``.
-    """
-    out = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    images = [Image.open(p).convert("RGB") for p in source_images(assets_dir)]
-    per_shard = -(-count // shards)
-    infos = []
-    k = 0
-    for s in range(shards):
-        writer = ShardWriter(out, shard_name(s))
-        for _ in range(min(per_shard, count - k)):
-            img = images[k % len(images)]
-            # Both bounds are capped by the image, so small sources give their full size.
-            h = int(rng.integers(min(min_side, img.height), min(max_side, img.height) + 1))
-            w = int(rng.integers(min(min_side, img.width), min(max_side, img.width) + 1))
-            y = int(rng.integers(0, img.height - h + 1))
-            x = int(rng.integers(0, img.width - w + 1))
-            if k in junk:
-                data = b"this record is not an image " + bytes(int(v) for v in rng.integers(0, 256, 200))
-            else:
-                buf = io.BytesIO()
-                img.crop((x, y, x + w, y + h)).save(buf, format="JPEG", quality=quality)
-                data = buf.getvalue()
-            writer.add(data, h, w, phash=k, source=f"crop{k:04d}:{y},{x},{h},{w}")
-            k += 1
-        infos.append(writer.finalize())
-    write_manifest(out, infos, params={"builder": "tests.shard_fixtures", "seed": seed, "quality": quality},
-                   stats={"records": count})
-    return out
+__all__ = ["build_dataset", "corrupt_record", "source_images"]
 
 
 def corrupt_record(root: str | Path, index: int, nbytes: int = 16) -> None:

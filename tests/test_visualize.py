@@ -1,13 +1,15 @@
 """Pictures: the grid's panels hold what they claim, and smae-visualize draws a checkpoint's."""
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
 from selectivemae_ds.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from selectivemae_ds.errors import EXIT_CONFIG, EXIT_DATA
 from selectivemae_ds.evaluate import load_images
 from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, patchify
-from selectivemae_ds.visualize import main, picture_grid
+from selectivemae_ds.visualize import build_parser, main, picture_grid
 from tests.shard_fixtures import source_images
 
 
@@ -44,5 +46,45 @@ def test_cli_draws_a_checkpoint(tmp_path, straight_run, assets_dir, capsys):
     assert main([str(run), *images, "--out", str(out), "--progress", "0.5"]) == 0
     assert "input | hog | visible | targets | reconstruction" in capsys.readouterr().out
     assert Image.open(out).size == (5 * 64, 2 * 64)
-    assert main([str(run), str(tmp_path / "nope.png"), "--out", str(out)]) == 2
-    assert "no such image(s)" in capsys.readouterr().err
+    assert main([str(run), str(tmp_path / "nope.png"), "--out", str(out)]) == EXIT_DATA
+    assert "data error: no such image(s)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make reading a checkpoint fail loudly: the checks under test must come before it."""
+    from selectivemae_ds import export
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the checkpoint was read before the command line was checked")
+
+    monkeypatch.setattr(export, "resolve_tag", refuse)
+    monkeypatch.setattr(export, "load_fp32_state", refuse)
+
+
+@pytest.mark.parametrize("name, problem", [("grid", "no image extension ''"), ("grid.xyz", "unknown image extension"),
+                                           ("grid.xbm", "cannot store an RGB picture")])
+def test_out_without_a_usable_extension_is_refused_before_loading(tmp_path, assets_dir, no_loading, capsys,
+                                                                   name, problem):
+    """Before: the extension was found wrong by Pillow after the model had run (ValueError traceback)."""
+    image = str(source_images(assets_dir)[0])
+    out = tmp_path / name
+    assert main([str(tmp_path), image, "--out", str(out)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"config error: --out {out}: " in err and problem in err
+    assert not out.exists()
+
+
+def test_out_directory_and_bad_progress_are_refused_before_loading(tmp_path, assets_dir, no_loading, capsys):
+    image = str(source_images(assets_dir)[0])
+    assert main([str(tmp_path), image, "--out", str(tmp_path)]) == EXIT_CONFIG
+    assert f"--out {tmp_path}: is a directory" in capsys.readouterr().err
+    assert main([str(tmp_path), image, "--out", str(tmp_path / "g.png"), "--progress", "1.5"]) == EXIT_CONFIG
+    assert "--progress must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main([str(tmp_path), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "g.png")]) == EXIT_DATA
+    assert f"no such image(s): {tmp_path / 'nope.jpg'}" in capsys.readouterr().err
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help, action.dest

@@ -13,6 +13,11 @@ Prints one JSON line (the last line of stdout; the trainer's own lines go to std
 GPU pools are outside torch's allocator, so ``device_used_gb`` adds the whole device's
 memory in use at the end of the run), ``mfu``
 (null on CPU or an unknown GPU), the device name and package versions.
+
+``--deepspeed-config`` takes a path or the name of one of the project's DeepSpeed JSONs
+(``zero1``, ``zero2``, ``zero3``, ``cpu_smoke``: the repository's ``ds_configs/``, which
+the wheel ships as package data in ``selectivemae_ds/ds_configs``), so the default works
+from an installed wheel as well as from a checkout.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 
 from selectivemae_ds.benchmark.model import device_name, peak_mem_gb, versions
+from selectivemae_ds.errors import ConfigError, run_cli
 
 # Runs this many times longer than the benchmark, so the PSTS progress t = step / total
 # moves by at most 1% of a run while it is timed.
@@ -43,6 +49,33 @@ def device_used_gb(device: torch.device) -> float | None:
         return None
     free, total = torch.cuda.mem_get_info(device)
     return round((total - free) / 1e9, 3)
+
+
+def bundled_ds_config_dir() -> Path:
+    """The directory of the project's DeepSpeed JSONs: the package data of an installed wheel
+    (``selectivemae_ds/ds_configs``), else the source checkout's ``ds_configs/``."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "ds_configs", package.parent / "ds_configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"no bundled DeepSpeed configs beside {package} (a broken install?); "
+                      "pass --deepspeed-config PATH")
+
+
+def resolve_ds_config(value: str | Path) -> Path:
+    """``--deepspeed-config``: an existing file as given, else a bundled config by name (``zero2``
+    or ``zero2.json``); ConfigError naming the value and the bundled names otherwise."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.name == str(value):
+        root = bundled_ds_config_dir()
+        bundled = root / (path.name if path.suffix == ".json" else path.name + ".json")
+        if bundled.is_file():
+            return bundled
+        names = ", ".join(sorted(p.stem for p in root.glob("*.json")))
+        raise ConfigError(f"--deepspeed-config {value}: no such file, nor a bundled config ({names})")
+    raise ConfigError(f"--deepspeed-config {value}: no such file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train.micro_batch, images per forward/backward (default: --batch, i.e. no accumulation)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before the clock starts")
-    p.add_argument("--deepspeed-config", type=Path, default=Path("ds_configs/zero2.json"),
-                   help="DeepSpeed JSON (ZeRO stage, bf16, buckets)")
+    p.add_argument("--deepspeed-config", default="zero2",
+                   help="DeepSpeed JSON (ZeRO stage, bf16, buckets): a path, or the name of a bundled one "
+                        "(zero1, zero2, zero3, cpu_smoke)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--workers", type=int, default=None, help="data.workers (DALI source processes)")
     p.add_argument("--decode-threads", type=int, default=None, help="data.decode_threads (DALI num_threads)")
@@ -97,17 +131,16 @@ def overrides_for(args: argparse.Namespace, run_dir: Path, device: str, bf16: bo
     return out + list(args.set)
 
 
-def _check(args: argparse.Namespace) -> str | None:
-    """A usage error in the numeric options, or None."""
+def _check(args: argparse.Namespace) -> None:
+    """ConfigError for a usage error in the numeric options."""
     if args.steps < 1 or args.warmup < 0:
-        return "--steps must be >= 1 and --warmup >= 0"
+        raise ConfigError("--steps must be >= 1 and --warmup >= 0")
     if not 0.0 <= args.progress <= 0.99:
-        return "--progress must be in [0, 0.99]"
+        raise ConfigError("--progress must be in [0, 0.99]")
     for name in ("batch", "micro_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1"
-    return None
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
 
 
 def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
@@ -117,11 +150,17 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
     from selectivemae_ds.metrics import mfu, peak_tflops
     from selectivemae_ds.trainer import Trainer
 
-    ds_json = load_ds_json(args.deepspeed_config)
-    bf16 = bool(ds_json.get("bf16", {}).get("enabled", False))
     length = args.warmup + args.steps
     total = PROGRESS_STRETCH * length
-    cfg = load_config(args.config, overrides_for(args, run_dir, device, bf16, total))
+    try:
+        ds_json = load_ds_json(args.deepspeed_config)
+        bf16 = bool(ds_json.get("bf16", {}).get("enabled", False))
+        cfg = load_config(args.config, overrides_for(args, run_dir, device, bf16, total))
+    except ConfigError:
+        raise
+    except ValueError as err:
+        # The config readers' validators raise ValueError naming the key (ConfigError once typed).
+        raise ConfigError(str(err)) from err
     # The trainer prints its start line and DeepSpeed its banners; stdout carries only our JSON.
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, ds_json, str(args.deepspeed_config))
@@ -194,25 +233,18 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    problem = _check(args)
-    if problem:
-        print(f"smae-bench e2e: {problem}", file=sys.stderr)
-        return 2
+    _check(args)
+    args.deepspeed_config = resolve_ds_config(args.deepspeed_config)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("smae-bench e2e: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+        raise ConfigError("--device cuda but no CUDA device is available")
     # DeepSpeed picks its accelerator once, at first use: make it the one asked for.
     os.environ["DS_ACCELERATOR"] = device
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="smae-bench-e2e-"))
     try:
         record = run(args, device, run_dir)
-    except ValueError as err:
-        # Config and DeepSpeed-merge errors name the offending key.
-        print(f"smae-bench e2e: {err}", file=sys.stderr)
-        return 2
     finally:
         if args.run_dir is None:
             shutil.rmtree(run_dir)
@@ -220,3 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
     print(json.dumps(record), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``smae-bench e2e``; exit codes from :mod:`selectivemae_ds.errors`."""
+    return run_cli(_main, argv)

@@ -27,6 +27,7 @@ import torch
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, InputPipeline
 from selectivemae_ds.data.shards import ShardedDataset
+from selectivemae_ds.errors import ConfigError, run_cli
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -169,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("smae-bench loader: --device cuda but no CUDA device is available")
+        raise ConfigError("--device cuda but no CUDA device is available")
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     records = ShardedDataset(args.data)
     shapes = np.asarray([records.shape(i) for i in range(len(records))], dtype=np.float64)
@@ -208,3 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``smae-bench loader``; exit codes from :mod:`selectivemae_ds.errors`."""
+    return run_cli(_main, argv)

@@ -14,15 +14,16 @@ import contextlib
 import importlib.metadata as md
 import json
 import platform
-import sys
 import time
 from typing import Any
 
 import torch
 
+from selectivemae_ds.errors import ConfigError, run_cli
 from selectivemae_ds.metrics import mfu, peak_tflops
 from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
 from selectivemae_ds.models.config import METHODS
+from selectivemae_ds.models.vit import flash_attn_available
 from selectivemae_ds.models.selective_mae import PretrainModel
 from selectivemae_ds.models.token_selection import hog_patch_scores, psts_select, random_select
 
@@ -258,32 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_args(args: argparse.Namespace, device: str) -> None:
+    """ConfigError for options that cannot run, before anything is built."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise ConfigError("--batch and --steps must be >= 1, --warmup >= 0")
+    if not 0.0 <= args.progress <= 1.0:
+        raise ConfigError(f"--progress must be in [0, 1], got {args.progress}")
+    if args.attn_impl == "flash" and not flash_attn_available():
+        raise ConfigError("--attn-impl flash: the flash-attn package is not installed (pip install .[flash])")
+    try:
+        ModelConfig(method=args.method, size=args.size, img_size=args.img_size, attn_impl=args.attn_impl).validate()
+    except ValueError as err:
+        # ModelConfig.validate names the key (e.g. model.img_size); here it came from a flag.
+        raise ConfigError(f"{err} (from the command-line flags)") from err
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("smae-bench model: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        print("smae-bench model: --batch and --steps must be >= 1, --warmup >= 0", file=sys.stderr)
-        return 2
-    try:
-        record = run_benchmark(
-            args.method,
-            args.size,
-            args.batch,
-            args.steps,
-            warmup=args.warmup,
-            device=device,
-            dtype=args.dtype,
-            img_size=args.img_size,
-            progress=args.progress,
-            attn_impl=args.attn_impl,
-            seed=args.seed,
-            peak_tflops_override=args.peak_tflops,
-        )
-    except (ValueError, ImportError) as err:
-        print(f"smae-bench model: {err}", file=sys.stderr)
-        return 2
+    check_args(args, device)
+    record = run_benchmark(args.method, args.size, args.batch, args.steps, warmup=args.warmup, device=device,
+                           dtype=args.dtype, img_size=args.img_size, progress=args.progress,
+                           attn_impl=args.attn_impl, seed=args.seed, peak_tflops_override=args.peak_tflops)
     print(json.dumps(record), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``smae-bench model``; exit codes from :mod:`selectivemae_ds.errors`."""
+    return run_cli(_main, argv)
