@@ -167,3 +167,13 @@ def test_missing_source_is_a_config_error(tmp_path, capsys):
 def test_every_flag_has_help():
     for action in export.build_parser()._actions:
         assert action.help, action.dest
+
+
+def test_incomplete_tag_and_run_without_checkpoints_are_checkpoint_errors(tmp_path, universal_tag, capsys):
+    broken = shutil.copytree(universal_tag, tmp_path / "checkpoints" / universal_tag.name)
+    (broken / checkpoint.COMPLETE).unlink()
+    assert main([str(broken), "--out", str(tmp_path / "x.safetensors")]) == EXIT_CHECKPOINT
+    assert f"checkpoint error: {broken}: checkpoint is incomplete (no COMPLETE marker)" in capsys.readouterr().err
+    assert main([str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == EXIT_CHECKPOINT
+    assert f"checkpoint error: {tmp_path}: no complete checkpoint under" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
