@@ -8,7 +8,8 @@ directories of ``--records`` records in total, ``--per-shard`` records per shard
 record the same tiny JPEG with a seeded random 64-bit hash, and one record in
 ``--dup-every`` a copy of an earlier record's hash (from any earlier part: cross-part
 duplicates the merge must exclude). Part manifests are written as ``smae-pack --part``
-writes them. The time is :func:`data_prep.merge.merge` alone (best of ``--repeat``).
+writes them. The time is :func:`data_prep.merge.merge` alone (best of ``--repeat``); ``peak_rss_mb`` is
+the process's peak (build included; the dedup index is the merge's main memory cost).
 
 Usage: ``.venv/bin/python bench/merge.py [--records 200000] [--parts 4] [--per-shard 4096]``
 """
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -103,6 +105,8 @@ def main() -> None:
             "across_parts_removed": report["across_parts"]["removed"],
             "build_seconds": round(build_s, 1), "merge_seconds_runs": runs,
             "records_per_s": round(args.records / best), "us_per_record": round(best / args.records * 1e6, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "load_average": [round(x, 1) for x in os.getloadavg()],
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         }, indent=2))
     finally:
