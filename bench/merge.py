@@ -5,9 +5,9 @@ the part's manifest (``shards.check_shard``: Zarr open, 5 arrays, sha256 digest)
 dedup over the stored hashes in the global order. So its cost depends on the number of
 records and shards, not on image sizes, and synthetic parts measure it: ``--parts`` part
 directories of ``--records`` records in total, ``--per-shard`` records per shard, every
-record the same tiny JPEG with a seeded random 64-bit hash, and one record in
-``--dup-every`` a copy of an earlier record's hash (from any earlier part: cross-part
-duplicates the merge must exclude). Part manifests are written as ``smae-pack --part``
+record the same tiny JPEG with a seeded random 64-bit hash, and, from part 1 on, one record
+in ``--dup-every`` a copy of an earlier part's record's hash (cross-part duplicates the merge
+must exclude; a part holds no duplicate of its own, as after its own dedup). Part manifests are written as ``smae-pack --part``
 writes them. The time is :func:`data_prep.merge.merge` alone (best of ``--repeat``), wall clock and this
 process's CPU time (the merge is one thread; on a shared machine the CPU time is the
 number to trust); ``peak_rss_mb`` is
@@ -55,13 +55,14 @@ def build(root: Path, records: int, parts: int, per_shard: int, dup_every: int, 
     planted = 0
     for i in range(parts):
         lo, hi = share_bounds(records, i, parts)
+        earlier = len(hashes)  # planted copies come from earlier parts: no part has a duplicate of its own
         out = part_dir(root, i, parts)
         shards = []
         for k, start in enumerate(range(lo, hi, per_shard)):
             writer = ShardWriter(out, shard_name(k))
             for g in range(start, min(hi, start + per_shard)):
-                if hashes and g % dup_every == dup_every - 1:
-                    h = hashes[rng.randrange(len(hashes))]
+                if earlier and g % dup_every == dup_every - 1:
+                    h = hashes[rng.randrange(earlier)]
                     planted += 1
                 else:
                     h = rng.getrandbits(64)

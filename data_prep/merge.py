@@ -171,8 +171,15 @@ class _Replay:
         local_drop = set(entry.get("exclude", ()))
         exclude: list[int] = []
         sources: np.ndarray | None = None
+        # Part 0 is a prefix of the global order: its own dedup took the global decisions
+        # already, so its kept hashes are only added, not queried.
+        prefix = part.index == 0
         for j, h in enumerate(index.arrays["phash"].tolist()):
-            if self.dedup.offer(h):
+            if prefix and j not in local_drop:
+                self.dedup.keep(h)
+                self.packed += 1
+                continue
+            if not prefix and self.dedup.offer(h):
                 self.packed += 1
                 self.restored += j in local_drop
                 continue
