@@ -1,12 +1,14 @@
 """Console entry point ``smae-pack`` (registered in setup.py).
 
-Two forms::
+Three forms::
 
-    smae-pack SRC [SRC ...] --out DIR [options]     pack images into schema-1 shards
-    smae-pack verify DIR                            check a packed dataset
+    smae-pack SRC [SRC ...] --out DIR [--part I/N] [options]   pack images into schema-1 shards
+                                                              (--part: one share of a multi-node pack)
+    smae-pack merge DIR [--wait SECONDS]                      join the parts into one dataset
+    smae-pack verify DIR                                      check a packed dataset
 
-``verify`` is recognised as the first argument only; a source directory literally named
-``verify`` can be given as ``./verify``.
+``verify`` and ``merge`` are recognised as the first argument only; a source directory
+literally named so can be given as ``./verify``.
 
 Exit status (the project's table, :mod:`selectivemae_ds.errors`): 0 success; 2 usage or
 configuration error (bad flag, unusable ``--out``, ``--out`` holding other work); 3 data
@@ -27,6 +29,8 @@ from data_prep.images import (
 from data_prep.pack import (
     DEFAULT_DEDUP_DISTANCE, DEFAULT_IMAGES_PER_SHARD, PackConfig, format_summary, pack, write_report,
 )
+from data_prep.merge import MergeConfig, format_merge_summary, merge
+from data_prep.parts import parse_part
 from data_prep.verify import format_result, verify_dataset
 from selectivemae_ds.errors import EXIT_DATA, run_cli
 
@@ -66,12 +70,15 @@ def _seconds(text: str) -> float:
 def pack_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smae-pack",
-        usage="smae-pack SRC [SRC ...] --out DIR [options]\n       smae-pack verify DIR",
+        usage=("smae-pack SRC [SRC ...] --out DIR [--part I/N] [options]\n       smae-pack merge DIR [--wait SECONDS]"
+               "\n       smae-pack verify DIR"),
         description=("Pack remote-sensing images (directories, zip and tar archives) into Zarr v3 "
                      "shards of JPEG records (schema 1) for SelectiveMAE-DS pretraining: convert to "
                      "RGB 8-bit, skip tiny images, slice large ones, remove near-duplicates, write "
                      "resumable, deterministic output."),
-        epilog=("subcommand:\n  smae-pack verify DIR   check manifest, schema, offsets, checksums and "
+        epilog=("subcommands:\n  smae-pack merge DIR    join the parts of a multi-node pack (--part) into one "
+                "dataset (see 'smae-pack merge --help').\n"
+                "  smae-pack verify DIR   check manifest, schema, offsets, checksums and "
                 "that every record decodes (see 'smae-pack verify --help').\n\n"
                 "Interrupted runs resume: rerun the same command. Guide: docs/pack.md."),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,6 +116,30 @@ def pack_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-lock", type=_seconds, default=0.0, metavar="SECONDS",
                    help="when another smae-pack run holds --out, wait up to SECONDS for it to finish "
                         "(default %(default)s: refuse at once, naming the holder)")
+    p.add_argument("--part", metavar="I/N",
+                   help="multi-node packing: pack only the I-th (0-based, e.g. $SLURM_ARRAY_TASK_ID or "
+                        "$JOB_COMPLETION_INDEX) of N contiguous shares of the inputs into DIR/part-I-of-N; run "
+                        "all N (at once, anywhere that sees the inputs), then 'smae-pack merge DIR'")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smae-pack merge",
+        description=("Join the parts of a multi-node pack (smae-pack ... --out DIR --part I/N) into one "
+                     "dataset: refuses missing, unfinished or running parts (naming them), removes "
+                     "near-duplicates across parts by the single-node rule (the first occurrence in the "
+                     "input order wins) through per-shard exclusion lists, without rewriting any shard, and "
+                     "writes DIR/manifest.json atomically. The result reads like a single-node pack."),
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="the --out directory of the parts (holds part-I-of-N/)")
+    p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for missing, unfinished or running parts (default %(default)s: "
+                        "refuse at once, naming them)")
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="write the merge summary as JSON (the single-node counts, each part's counts, and the "
+                        "near-duplicates removed or restored across parts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -132,13 +163,25 @@ def _verify(argv: list[str]) -> int:
     return 0 if res.ok else EXIT_DATA
 
 
+def _merge(argv: list[str]) -> int:
+    args = merge_parser().parse_args(argv)
+    doc = merge(MergeConfig(out=args.dir, wait=args.wait, progress=not args.quiet))
+    if args.report is not None:
+        write_report(args.report, doc)
+    print(format_merge_summary(doc))
+    if args.report is not None:
+        print(f"  report: {args.report}")
+    return 0
+
+
 def _pack(argv: list[str]) -> int:
     args = pack_parser().parse_args(argv)
     options = PackOptions(min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels,
                           jpeg_quality=args.jpeg_quality)
     cfg = PackConfig(sources=list(args.sources), out=args.out, workers=args.workers,
                      images_per_shard=args.images_per_shard, dedup_distance=args.dedup_distance,
-                     options=options, restart=args.restart, progress=not args.quiet, wait_lock=args.wait_lock)
+                     options=options, restart=args.restart, progress=not args.quiet, wait_lock=args.wait_lock,
+                     part=None if args.part is None else parse_part(args.part))
     try:
         doc = pack(cfg)
     except KeyboardInterrupt:
@@ -156,6 +199,8 @@ def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
         return _verify(argv[1:])
+    if argv and argv[0] == "merge":
+        return _merge(argv[1:])
     return _pack(argv)
 
 

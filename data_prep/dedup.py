@@ -89,10 +89,15 @@ class NearDuplicateIndex:
             return False
         if self._bands and self._near(h):
             return False
+        self.keep(h)
+        return True
+
+    def keep(self, h: int) -> None:
+        """Add ``h`` to the kept hashes without asking: for a hash already known to be kept
+        (the merge replaying a prefix of the order whose decisions it has)."""
         self._exact.add(h)
         for shift, band_mask, _masks_, table in self._bands:
             table.setdefault((h >> shift) & band_mask, []).append(h)
-        return True
 
     def _near(self, h: int) -> bool:
         d = self.distance

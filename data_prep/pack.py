@@ -25,6 +25,14 @@ every shard logged as finalized; dedup is replayed from the batch metas (hashes 
 milliseconds), so later records see exactly the same kept set as in an uninterrupted
 run. A shard directory that exists but is not logged (kill between rename and log) is
 removed and written again, as are temporary files of an interrupted writer.
+
+Parts (``--part i/n``, :mod:`data_prep.parts`): the run lists every input as above, takes
+its contiguous share and packs it exactly like a single-node run into ``OUT/part-i-of-n/``
+(its own lock, work directory and manifest), with one difference: a record that dedup
+drops is still stored, and listed in its shard's ``exclude``; ``smae-pack merge``
+replays dedup over the records of all parts in the global order and needs every one of
+them (a record dropped inside a share may survive globally when what it duplicated is
+itself a duplicate of an earlier part's record).
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,6 +57,7 @@ from tqdm import tqdm
 from data_prep import worker
 from data_prep.dedup import NearDuplicateIndex
 from data_prep.images import PackOptions
+from data_prep.parts import check_part, check_part_root, part_dir, part_params, refuse_parts_in, share_bounds
 from data_prep.sources import KIND_TAR, InputItem, InputReadError, TarReader, describe_sources, enumerate_inputs
 from data_prep.work import WORK_DIR_NAME, WorkDir, fingerprint_of
 from selectivemae_ds.atomic import atomic_write_text, check_writable_dir
@@ -95,6 +104,8 @@ class PackConfig:
     """Show a tqdm progress bar on stderr."""
     wait_lock: float = 0.0
     """Seconds to wait for another run holding ``out`` to finish; 0 refuses at once."""
+    part: tuple[int, int] | None = None
+    """``(i, n)``: pack only share ``i`` (0-based) of ``n`` into ``out/part-i-of-n``."""
 
 
 def batch_size_for(n_inputs: int) -> int:
@@ -135,14 +146,18 @@ class ShardAssembler:
     """Consumes batch results in order: dedup, then append records to shards."""
 
     def __init__(self, out: Path, work: WorkDir, per_shard: int, dedup: NearDuplicateIndex,
-                 done: list[dict[str, Any]]):
+                 done: list[dict[str, Any]], keep_duplicates: bool = False):
         self.out = out
         self.work = work
         self.per_shard = per_shard
         self.dedup = dedup
         self.done = done
+        self.keep_duplicates = keep_duplicates
+        """Store duplicates too, listed in their shard's ``exclude`` (a part of a multi-node pack)."""
         self.stats = Stats()
+        self._stored = 0
         self._writer: ShardWriter | None = None
+        self._excluded: list[int] = []
         self._with_payload: list[int] = []
 
     def consume(self, batch: int, meta: dict[str, Any],
@@ -159,17 +174,23 @@ class ShardAssembler:
             st.passthrough += int(entry["passthrough"])
             for source, height, width, phash, length in entry["records"]:
                 start, offset = offset, offset + length
-                if not self.dedup.offer(phash):
+                kept = self.dedup.offer(phash)
+                if kept:
+                    st.packed += 1
+                else:
                     st.skip("duplicate", source)
-                    continue
-                index = st.packed
-                st.packed += 1
+                    if not self.keep_duplicates:
+                        continue
+                index = self._stored
+                self._stored += 1
                 if index // self.per_shard < len(self.done):
                     continue  # its shard is finalized already (resumed run)
                 if payload is None:
                     payload = load_payload(batch, meta)
                 if self._writer is None:
                     self._writer = ShardWriter(self.out, shard_name(index // self.per_shard))
+                if not kept:
+                    self._excluded.append(len(self._writer))
                 self._writer.add(payload[start:offset], height, width, phash, source)
                 if len(self._writer) == self.per_shard:
                     self._finalize(batch)
@@ -178,7 +199,9 @@ class ShardAssembler:
     def _finalize(self, current_batch: int) -> None:
         assert self._writer is not None
         info = self._writer.finalize()
+        info = replace(info, count=info.count - len(self._excluded), exclude=tuple(self._excluded))
         self._writer = None
+        self._excluded = []
         self.done.append(info.to_json())
         self.work.write_shards(self.done)
         # Every record of the batches before the current one is now in a finalized
@@ -194,7 +217,7 @@ class ShardAssembler:
     def finish(self) -> list[ShardInfo]:
         if self._writer is not None:
             self._finalize(sys.maxsize)
-        return [ShardInfo(s["name"], s["count"], s["bytes"], s["index_sha256"]) for s in self.done]
+        return [ShardInfo.from_json(s) for s in self.done]
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -242,10 +265,9 @@ def _clear_ours(out: Path) -> None:
             _remove(p)
 
 
-def _prepare_out(cfg: PackConfig, fingerprint: str, description: dict[str, Any]) -> str:
-    """Bring ``out`` into a state this run can continue from; return "fresh run",
-    "resumed run" or "complete"."""
-    out = cfg.out
+def _prepare_out(cfg: PackConfig, out: Path, fingerprint: str, description: dict[str, Any]) -> str:
+    """Bring ``out`` (``--out``, or this part's directory in it) into a state this run can
+    continue from; return "fresh run", "resumed run" or "complete"."""
     work = WorkDir(out)
     has_manifest = (out / MANIFEST_NAME).is_file()
     if cfg.restart:
@@ -383,9 +405,12 @@ def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int
 
 
 def summary_from(stats: dict[str, Any], shards: int, seconds: float, out: Path, workers: int,
-                 ignored: int, state: str) -> dict[str, Any]:
-    """The report document (also what is printed)."""
+                 ignored: int, state: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The report document (also what is printed); ``part`` (i, n) for one part of a
+    multi-node pack, whose ``packed`` and ``duplicate`` count its share alone."""
     doc = dict(stats)
+    if part is not None:
+        doc["part"] = f"{part[0]}/{part[1]}"
     doc.update({
         "out": str(out),
         "shards": shards,
@@ -400,7 +425,8 @@ def summary_from(stats: dict[str, Any], shards: int, seconds: float, out: Path, 
 
 def format_summary(doc: dict[str, Any]) -> str:
     skipped = ", ".join(f"{k}={v}" for k, v in doc["skipped"].items() if v) or "none"
-    return (f"smae-pack: packed {doc['packed']} records from {doc['inputs']} inputs into {doc['shards']} shard(s) "
+    head = f"smae-pack: part {doc['part']}:" if "part" in doc else "smae-pack:"
+    return (f"{head} packed {doc['packed']} records from {doc['inputs']} inputs into {doc['shards']} shard(s) "
             f"in {doc['seconds']:.1f} s ({doc['run']}, {doc['workers']} worker(s))\n"
             f"  sliced inputs: {doc['sliced']}, JPEG passed through: {doc['passthrough']}\n"
             f"  skipped: {skipped}\n"
@@ -418,6 +444,8 @@ def _check_config(cfg: PackConfig) -> None:
                           f"(got {cfg.dedup_distance})")
     if cfg.wait_lock < 0:
         raise ConfigError(f"--wait-lock must be >= 0 seconds, got {cfg.wait_lock}")
+    if cfg.part is not None:
+        check_part(cfg.part)
     for src in cfg.sources:
         if not os.path.lexists(src):
             raise ConfigError(f"input {src!r} does not exist")
@@ -437,46 +465,57 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     _check_config(cfg)
     cfg.out = Path(cfg.out)
     check_writable_dir(cfg.out, "--out")
-    with DirLock(cfg.out, "smae-pack --out", wait=cfg.wait_lock):
+    out = cfg.out
+    if cfg.part is not None:
+        check_part_root(cfg.out)
+        out = check_writable_dir(part_dir(cfg.out, *cfg.part), "--out part directory")
+    else:
+        refuse_parts_in(cfg.out)
+    with DirLock(out, "smae-pack --out", wait=cfg.wait_lock):
         try:
-            return _pack_locked(cfg, t0)
+            return _pack_locked(cfg, out, t0)
         except OSError as e:
             if e.errno in OUT_OF_SPACE:
-                where = e.filename or cfg.out
+                where = e.filename or out
                 raise RunError(f"no space left on device ({errno.errorcode[e.errno]}) writing {where}; free "
-                               f"space under {cfg.out} (or use another --out) and rerun the same command to "
+                               f"space under {out} (or use another --out) and rerun the same command to "
                                "resume") from e
             if e.errno == errno.EROFS:
-                raise ConfigError(f"--out {cfg.out} became read-only (EROFS) writing {e.filename or cfg.out}") from e
+                raise ConfigError(f"--out {out} became read-only (EROFS) writing {e.filename or out}") from e
             raise
 
 
-def _pack_locked(cfg: PackConfig, t0: float) -> dict[str, Any]:
+def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict[str, Any]:
     if cfg.progress:
         print("smae-pack: listing inputs...", file=sys.stderr, flush=True)
     enum = enumerate_inputs(list(cfg.sources))
-    items = enum.items
-    if not items:
+    if not enum.items:
         raise DataError(f"no inputs: {', '.join(map(str, cfg.sources))} hold no image or archive file "
                         f"({enum.ignored} file(s) ignored by name); nothing was packed")
+    items = enum.items
+    if cfg.part is not None:
+        lo, hi = share_bounds(len(enum.items), *cfg.part)
+        items = enum.items[lo:hi]
     batch = batch_size_for(len(items))
-    description = _describe(cfg, items, batch)
+    description = _describe(cfg, enum.items, batch)
+    if cfg.part is not None:
+        description["part"] = part_params(description, cfg.part, (lo, hi))
     fingerprint = fingerprint_of(description)
-    state = _prepare_out(cfg, fingerprint, description)
+    state = _prepare_out(cfg, out, fingerprint, description)
     if state == "complete":
-        manifest = read_manifest(cfg.out)
-        return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, cfg.out,
-                            cfg.workers, enum.ignored, "already complete, nothing to do")
+        manifest = read_manifest(out)
+        return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, out,
+                            cfg.workers, enum.ignored, "already complete, nothing to do", cfg.part)
 
-    work = WorkDir(cfg.out)
-    asm = ShardAssembler(cfg.out, work, cfg.images_per_shard,
+    work = WorkDir(out)
+    asm = ShardAssembler(out, work, cfg.images_per_shard,
                          NearDuplicateIndex(cfg.dedup_distance, expected=max(len(items), 1)),
-                         work.read_shards())
-    load = _load_payload_or_recompute(work, items, batch, cfg.options, cfg.out)
+                         work.read_shards(), keep_duplicates=cfg.part is not None)
+    load = _load_payload_or_recompute(work, items, batch, cfg.options, out)
     bar = tqdm(total=len(items), unit="img", disable=not cfg.progress, file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True, desc="smae-pack")
     try:
-        for b, meta in _batch_results(items, batch, cfg.workers, work, cfg.options, cfg.out):
+        for b, meta in _batch_results(items, batch, cfg.workers, work, cfg.options, out):
             asm.consume(b, meta, load)
             bar.update(len(meta["items"]))
             bar.set_postfix(packed=asm.stats.packed, skipped=sum(asm.stats.skipped.values()), refresh=False)
@@ -488,16 +527,16 @@ def _pack_locked(cfg: PackConfig, t0: float) -> dict[str, Any]:
         bar.close()
     stats = asm.stats.to_json()
     stats["ignored_files"] = enum.ignored
-    if not shards:
+    if not shards and cfg.part is None:
         reasons = ", ".join(f"{k}={v}" for k, v in stats["skipped"].items() if v)
         raise DataError(f"no records: every one of the {stats['inputs']} input(s) was skipped ({reasons}); "
                         "no dataset was written (run with --report FILE to see sample sources per reason)")
     params = dict(description)
     params["fingerprint"] = fingerprint
     # No timing in the manifest: the same inputs and options give a byte-identical file.
-    write_manifest(cfg.out, shards, params, stats)
+    write_manifest(out, shards, params, stats)
     work.remove()
-    return summary_from(stats, len(shards), time.monotonic() - t0, cfg.out, cfg.workers, enum.ignored, state)
+    return summary_from(stats, len(shards), time.monotonic() - t0, out, cfg.workers, enum.ignored, state, cfg.part)
 
 
 def write_report(path: Path, doc: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ fault) and counted; the run goes on to the next shard so one report lists everyt
 2. per shard, by :func:`selectivemae_ds.data.shards.check_shard` (the reader's own check):
    it exists, Zarr group schema, index arrays of the manifest's length, index digest
    against the manifest, heap size, offsets (start at 0, strictly increasing, end at the
-   heap size: the first record that breaks this is named); then the ``source`` length;
+   heap size: the first record that breaks this is named), exclusions inside the shard
+   (a merged multi-node dataset); then the ``source`` length;
 3. per record: crc32 of its bytes, that it decodes as a JPEG and that the decoded size
    equals the stored height/width.
 
@@ -29,7 +30,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from selectivemae_ds.data.shards import CRC_MISMATCH, ShardFormatError, ShardProblem, check_shard, read_manifest
+from selectivemae_ds.data.shards import (
+    CRC_MISMATCH, ShardFormatError, ShardProblem, check_shard, read_manifest, stored_count,
+)
 
 MAX_LISTED = 50
 READ_WINDOW = 64 * 1024 * 1024
@@ -65,9 +68,12 @@ def _records(heap: Any, off: np.ndarray) -> Iterator[tuple[int, bytes]]:
 
 
 def _record_problems(name: str, arrays: dict[str, np.ndarray], heap: Any,
-                     sources: np.ndarray) -> Iterator[ShardProblem]:
-    """crc32, JPEG decode and decoded size of every record of a shard whose index is sound."""
+                     sources: np.ndarray, exclude: frozenset[int]) -> Iterator[ShardProblem]:
+    """crc32, JPEG decode and decoded size of every record of a shard whose index is sound
+    (records the manifest excludes are never read by a reader and are not checked)."""
     for j, data in _records(heap, arrays["offsets"]):
+        if j in exclude:
+            continue
         src = str(sources[j])
         if zlib.crc32(data) != int(arrays["crc32"][j]):
             yield ShardProblem(name, CRC_MISMATCH, j, src)
@@ -87,7 +93,8 @@ def _record_problems(name: str, arrays: dict[str, np.ndarray], heap: Any,
 
 def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResult) -> None:
     index, problems = check_shard(root, entry)
-    res.problems += [p.describe(first) for p in problems]
+    exclude = entry.get("exclude", [])
+    res.problems += [p.describe(first, exclude=exclude) for p in problems]
     if index is None:
         return  # record boundaries are unknown: checking records would only add noise
     try:
@@ -96,11 +103,13 @@ def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResu
         res.problems.append(ShardProblem(entry["name"], f"unreadable source array ({type(e).__name__}: {e})")
                             .describe())
         return
-    if sources.shape != (entry["count"],):
+    stored = stored_count(entry)
+    if sources.shape != (stored,):
         res.problems.append(ShardProblem(entry["name"], f"source array does not hold the manifest's "
-                                                        f"{entry['count']} records").describe())
+                                                        f"{stored} records").describe())
         return
-    res.problems += [p.describe(first) for p in _record_problems(entry["name"], index.arrays, index.heap, sources)]
+    res.problems += [p.describe(first, exclude=exclude)
+                     for p in _record_problems(entry["name"], index.arrays, index.heap, sources, frozenset(exclude))]
     res.records += entry["count"]
 
 

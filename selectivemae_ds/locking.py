@@ -60,11 +60,7 @@ class DirLock:
 
     def holder(self) -> str:
         """Who holds the lock, as recorded in the lock file (best effort, for messages)."""
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return "holder unknown"
-        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: {info.get('command')}"
+        return holder_of(self.path.parent)
 
     def release(self) -> None:
         """Release the lock (idempotent); the file stays, unlocked."""
@@ -78,3 +74,13 @@ class DirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def holder_of(directory: str | os.PathLike[str]) -> str:
+    """Who holds (or last held) the lock of ``directory``, as its lock file records it (best
+    effort, for messages)."""
+    try:
+        info = json.loads((Path(directory) / LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        return "holder unknown"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: {info.get('command')}"

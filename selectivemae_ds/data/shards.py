@@ -26,9 +26,18 @@ naming the shard, ``smae-pack verify`` lists them all.
 A shard directory that is not listed in ``manifest.json`` does not exist for readers;
 writers build a shard under a temporary name and rename it into place once complete,
 so a half-written shard is never visible.
+
+Exclusions (multi-node packing, ``smae-pack merge``): a manifest entry may carry
+``"exclude"``, the sorted local indices of records stored in the shard that readers must
+skip (near-duplicates found only when the parts were merged). The entry's ``count`` is the
+number of records readers see; the shard's arrays hold ``count + len(exclude)`` records
+and its digest covers all of them. Record ``i`` of the dataset is the ``i``-th record not
+excluded, so global indices stay dense. A shard's ``name`` may be a relative path
+(``part-00001-of-00003/shard-00000.zarr``) of plain components.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -83,11 +92,41 @@ def index_digest(arrays: dict[str, np.ndarray]) -> str:
 class ShardInfo:
     name: str
     count: int
+    """Records readers see (stored records minus ``exclude``)."""
     bytes: int
     index_sha256: str
+    exclude: tuple[int, ...] = ()
+    """Sorted local indices of stored records that readers skip."""
+
+    @property
+    def stored(self) -> int:
+        return self.count + len(self.exclude)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "count": self.count, "bytes": self.bytes, "index_sha256": self.index_sha256}
+        doc: dict[str, Any] = {"name": self.name, "count": self.count, "bytes": self.bytes,
+                               "index_sha256": self.index_sha256}
+        if self.exclude:
+            doc["exclude"] = list(self.exclude)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "ShardInfo":
+        return cls(doc["name"], doc["count"], doc["bytes"], doc["index_sha256"], tuple(doc.get("exclude", ())))
+
+
+def stored_count(entry: dict[str, Any]) -> int:
+    """Records held by the shard of a manifest entry (visible plus excluded)."""
+    return int(entry["count"]) + len(entry.get("exclude", ()))
+
+
+def _safe_relative_name(name: Any) -> bool:
+    parts = name.split("/") if isinstance(name, str) else []
+    return bool(parts) and all(p not in ("", ".", "..") and "\\" not in p for p in parts)
+
+
+def _exclude_ok(exclude: Any) -> bool:
+    return (isinstance(exclude, list) and all(isinstance(x, int) and x >= 0 for x in exclude)
+            and all(a < b for a, b in zip(exclude, exclude[1:])))
 
 
 class ShardWriter:
@@ -233,9 +272,10 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(shards, list):
         raise ShardFormatError(f"{path}: 'shards' must be a list")
     for i, s in enumerate(shards):
-        ok = (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
+        ok = (isinstance(s, dict) and _safe_relative_name(s.get("name")) and isinstance(s.get("count"), int)
               and isinstance(s.get("bytes"), int) and isinstance(s.get("index_sha256"), str)
-              and s["count"] > 0 and s["bytes"] >= 0 and "/" not in s["name"] and s["name"] not in (".", ".."))
+              and _exclude_ok(s.get("exclude", [])) and s["count"] >= 0 and stored_count(s) > 0
+              and s["bytes"] >= 0)
         if not ok:
             raise ShardFormatError(f"{path}: shard entry {i} is malformed: {s!r}")
     if doc.get("count") != sum(s["count"] for s in shards):
@@ -350,14 +390,18 @@ class ShardProblem:
     record: int | None = None
     source: str | None = None
 
-    def describe(self, first: int = 0, where: str | None = None) -> str:
+    def describe(self, first: int = 0, where: str | None = None, exclude: list[int] | tuple[int, ...] = ()) -> str:
         """One line naming ``where`` (default: the shard's name) and, for a record, its global
-        index (``first`` is the global index of the shard's first record) and local index."""
+        index (``first`` is the global index of the shard's first visible record; ``exclude``
+        the shard's excluded local indices) and local index."""
         head = where if where is not None else self.shard
         if self.record is None:
             return f"{head}: {self.reason}"
         src = f", source {self.source}" if self.source is not None else ""
-        return f"{head}: record {first + self.record} (local {self.record}{src}): {self.reason}"
+        before = bisect.bisect_left(exclude, self.record)
+        if before < len(exclude) and exclude[before] == self.record:
+            return f"{head}: excluded record (local {self.record}{src}): {self.reason}"
+        return f"{head}: record {first + self.record - before} (local {self.record}{src}): {self.reason}"
 
 
 @dataclass
@@ -400,7 +444,7 @@ def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIn
     """
     name = entry["name"]
     path = Path(root) / name
-    n = entry["count"]
+    n = stored_count(entry)
     if not path.is_dir():
         return None, [ShardProblem(name, "shard listed in the manifest is missing")]
     try:
@@ -418,6 +462,10 @@ def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIn
             and all(arrays[k].shape == (n,) for k in INDEX_ARRAYS[1:])):
         return None, [ShardProblem(name, f"index arrays do not hold the manifest's {n} records")]
     problems = []
+    exclude = entry.get("exclude", ())
+    if exclude and exclude[-1] >= n:
+        return None, [ShardProblem(name, f"the manifest excludes local record {exclude[-1]} but the shard "
+                                         f"holds {n} records")]
     if index_digest(arrays) != entry["index_sha256"]:
         problems.append(ShardProblem(name, "index digest does not match the manifest (index corrupted)"))
     heap_size = int(heap.shape[0])
@@ -437,7 +485,8 @@ class _OpenShard:
         name = entry["name"]
         index, problems = check_shard(root, entry)
         if problems:
-            raise ShardFormatError(problems[0].describe(first, where=f"{root}/{name}"))
+            raise ShardFormatError(problems[0].describe(first, where=f"{root}/{name}",
+                                                        exclude=entry.get("exclude", ())))
         assert index is not None
         arrays = index.arrays
         self.name = name
@@ -470,8 +519,9 @@ CRC_MISMATCH = "fails its crc32 check"
 class RecordCorruptError(ShardFormatError):
     """A record's bytes do not match its stored checksum."""
 
-    def __init__(self, shard: str, record: int, local: int):
-        super().__init__(ShardProblem(shard, CRC_MISMATCH, local).describe(record - local))
+    def __init__(self, shard: str, record: int, local: int, exclude: list[int] | tuple[int, ...] = ()):
+        first = record - (local - bisect.bisect_left(exclude, local))
+        super().__init__(ShardProblem(shard, CRC_MISMATCH, local).describe(first, exclude=exclude))
         self.shard, self.record, self.local = shard, record, local
 
 
@@ -492,6 +542,10 @@ class ShardedDataset:
         self._entries = self.manifest["shards"]
         counts = np.asarray([s["count"] for s in self._entries], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
+        # Per shard with exclusions: exclude[k] - k, the visible records before the k-th
+        # excluded one; visible j is stored at j + (how many of these are <= j).
+        self._skips = {s: np.asarray(e["exclude"], dtype=np.int64) - np.arange(len(e["exclude"]))
+                       for s, e in enumerate(self._entries) if e.get("exclude")}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -515,13 +569,17 @@ class ShardedDataset:
         return len(self._entries)
 
     def locate(self, i: int) -> tuple[int, int]:
-        """Record index -> (shard index, index inside the shard)."""
+        """Record index -> (shard index, index inside the shard's stored records)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"record {i} out of range for a dataset of {n}")
         i %= n
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return s, i - int(self._starts[s])
+        j = i - int(self._starts[s])
+        skips = self._skips.get(s)
+        if skips is not None:
+            j += int(np.searchsorted(skips, j, side="right"))
+        return s, j
 
     def shard(self, s: int) -> _OpenShard:
         sh = self._open.get(s)
@@ -534,10 +592,11 @@ class ShardedDataset:
         return self.shard(s), j
 
     def read(self, i: int) -> bytes:
-        sh, j = self._at(i)
+        s, j = self.locate(i)
+        sh = self.shard(s)
         data = sh.read(int(sh.offsets[j]), int(sh.offsets[j + 1]))
         if self.verify_crc and zlib.crc32(data) != int(sh.crc32[j]):
-            raise RecordCorruptError(sh.name, i % len(self), j)
+            raise RecordCorruptError(sh.name, i % len(self), j, self._entries[s].get("exclude", ()))
         return data
 
     def shape(self, i: int) -> tuple[int, int]:
