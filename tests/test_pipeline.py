@@ -365,7 +365,6 @@ def test_infobatch_prunes_each_epoch_and_resumes_mid_epoch(dataset: Path, tmp_pa
     assert np.array_equal(np.concatenate([i for e, i, _w in straight if e == 1]), order1[:s1 * GLOBAL_BATCH])
 
     for name, data in saved.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
     resumed_table = table()
     resumed_table.load(tmp_path)

@@ -38,7 +38,7 @@ checkpoints.
 
 Checkpoint. Each rank writes a fixed-size slice ``[r*n//W, (r+1)*n//W)`` of the two
 tables it needs (the live scores and the snapshot the current epoch was planned from,
-float32 each) as ``rank_state/infobatch-rank{r}-of-{W}.npz``; :meth:`InfoBatch.load`
+float32 each) as ``infobatch-rank{r}-of-{W}.npz`` in the checkpoint's ``rank_state/``; :meth:`InfoBatch.load`
 merges all slices, whatever the saving and loading world sizes.
 """
 from __future__ import annotations
@@ -58,7 +58,6 @@ from selectivemae_ds.data import order
 from selectivemae_ds.data.config import check_infobatch
 from selectivemae_ds.errors import CheckpointError, ConfigError
 
-SHARD_DIR = "rank_state"
 SHARD_RE = re.compile(r"^infobatch-rank(\d{5})-of-(\d{5})\.npz$")
 
 
@@ -193,7 +192,7 @@ class InfoBatch:
         self.live[idx] = torch.where(torch.isfinite(values), values, self.live[idx])
 
     def shard(self) -> dict[str, bytes]:
-        """This rank's checkpoint file: its slice of both tables, {relative path: npz bytes}."""
+        """This rank's checkpoint file: its slice of both tables, {file name: npz bytes}."""
         start = self.rank * self.n // self.world_size
         stop = (self.rank + 1) * self.n // self.world_size
         buf = io.BytesIO()
@@ -201,16 +200,17 @@ class InfoBatch:
                  ratio=np.float64(self.ratio), delta=np.float64(self.delta),
                  total_epochs=np.float64(self.total_epochs), snapshot_epoch=np.int64(self.snapshot_epoch),
                  live=self.live[start:stop].cpu().numpy(), snapshot=self.snapshot[start:stop])
-        return {f"{SHARD_DIR}/{shard_name(self.rank, self.world_size)}": buf.getvalue()}
+        return {shard_name(self.rank, self.world_size): buf.getvalue()}
 
-    def load(self, tag_dir: str | Path) -> None:
-        """Merge the slices saved in checkpoint ``tag_dir`` (any saving world size) into this table."""
-        folder = Path(tag_dir) / SHARD_DIR
+    def load(self, folder: str | Path) -> None:
+        """Merge the slices saved in ``folder`` (a checkpoint's rank-state folder; any saving world
+        size) into this table."""
+        folder = Path(folder)
         files = sorted(p for p in folder.glob("infobatch-rank*.npz") if SHARD_RE.match(p.name)) \
             if folder.is_dir() else []
         if not files:
-            raise CheckpointError(f"{tag_dir}: no InfoBatch score table ({SHARD_DIR}/infobatch-rank*.npz); the "
-                                  "checkpoint was written without data.infobatch")
+            raise CheckpointError(f"{folder}: no InfoBatch score table (infobatch-rank*.npz); the checkpoint "
+                                  "was written without data.infobatch")
         worlds = {int(SHARD_RE.match(p.name).group(2)) for p in files}  # type: ignore[union-attr]
         if len(worlds) != 1 or len(files) != next(iter(worlds)):
             raise CheckpointError(f"{folder}: expected one InfoBatch slice per saving rank, found "
