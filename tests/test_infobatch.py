@@ -116,6 +116,21 @@ def test_record_keeps_the_old_score_for_non_finite_losses() -> None:
         table.record(torch.ones(2), np.arange(3))
 
 
+def test_resume_at_an_epoch_boundary_plans_from_the_complete_table(tmp_path: Path) -> None:
+    """A checkpoint after an epoch's last step holds the previous epoch's snapshot; the next
+    epoch is planned from the live table, exactly as the straight run does when it gets there."""
+    straight = _table(200)
+    straight.live = torch.from_numpy(_scores(200))
+    straight.plan(1)
+    straight.record(torch.linspace(0.1, 2.0, 50), np.arange(50))  # the rest of epoch 1
+    _save([straight], tmp_path)
+    resumed = _table(200)
+    resumed.load(tmp_path)
+    assert resumed.snapshot_epoch == 1
+    a, b = straight.plan(2), resumed.plan(2)
+    assert np.array_equal(a.order, b.order) and np.array_equal(a.weights, b.weights)
+
+
 def _save(tables: list[InfoBatch], tag: Path) -> None:
     for t in tables:
         for name, data in t.shard().items():
@@ -170,3 +185,84 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
             DataConfig(path=str(tmp_path), **{key: value}).validate()  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="train.epochs: InfoBatch needs"):
         _table(total_epochs=0.0)
+
+
+# ---------------------------------------------------------------- through the launcher (slow)
+
+# 40 records, global batch 8: epoch 0 has 5 steps (nothing scored yet), epoch 1 is pruned
+# (delta 1.0: every epoch may prune). Checkpoints after steps 3, 6 (inside the pruned epoch) and the last.
+INFOBATCH_RUN = ("--set", "data.infobatch=true", "--set", "data.infobatch_delta=1.0", "--set", "train.steps=0",
+                 "--set", "train.epochs=2", "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep=20",
+                 "--set", "train.picture_every=0")
+
+
+def _table_of(tag: Path) -> np.ndarray:
+    table = InfoBatch(n=40, seed=0, ratio=0.5, delta=1.0, total_epochs=2.0)
+    table.load(tag / "rank_state")
+    return table.live.numpy()
+
+
+@pytest.fixture(scope="module")
+def infobatch_straight(tmp_path_factory: pytest.TempPathFactory, launch_dataset: Path) -> Path:
+    from tests.launch import pretrain
+
+    run = tmp_path_factory.mktemp("infobatch") / "straight"
+    pretrain(run, launch_dataset, "zero2.json", *INFOBATCH_RUN)
+    return run
+
+
+def _final_tag(run: Path) -> Path:
+    from selectivemae_ds import checkpoint
+
+    tag = checkpoint.newest_complete(run / "checkpoints")
+    assert tag is not None
+    return tag
+
+
+@pytest.mark.slow
+def test_infobatch_exact_resume(tmp_path: Path, launch_dataset: Path, infobatch_straight: Path) -> None:
+    from tests.launch import assert_same_weights, fp32_weights, logged, pretrain
+
+    a = logged(infobatch_straight)
+    last = max(a)
+    assert 5 < last < 10, f"epoch 1 is pruned: fewer than 5 more steps after epoch 0's 5, got {last} in all"
+    assert a[5]["epoch"] == 1.0 and a[last]["epoch"] == 2.0
+    assert a[last]["samples_seen"] == 8 * last
+    resume_step = 6  # the first step of pruned epoch 1 is done; the plan comes from the saved snapshot
+    mid = infobatch_straight / "checkpoints" / f"step_{resume_step:08d}"
+    resumed = tmp_path / "resumed"
+    pretrain(resumed, launch_dataset, "zero2.json", *INFOBATCH_RUN, "--resume", str(mid))
+    b = logged(resumed)
+    assert sorted(b) == list(range(resume_step + 1, last + 1))
+    for step in b:
+        assert b[step]["samples_seen"] == a[step]["samples_seen"] and b[step]["epoch"] == a[step]["epoch"]
+        assert b[step]["loss"] == a[step]["loss"] and b[step]["lr"] == a[step]["lr"], f"step {step}"
+    tag_a, tag_b = _final_tag(infobatch_straight), _final_tag(resumed)
+    assert tag_a.name == tag_b.name
+    assert_same_weights(fp32_weights(tag_a), fp32_weights(tag_b))
+    np.testing.assert_array_equal(_table_of(tag_a), _table_of(tag_b))
+    assert np.isfinite(_table_of(tag_a)).sum() == 40, "every record was scored in two epochs"
+
+
+@pytest.mark.slow
+def test_infobatch_resume_on_one_rank_through_universal(tmp_path: Path, launch_dataset: Path,
+                                                        infobatch_straight: Path) -> None:
+    from tests.launch import logged, pretrain
+
+    mid = infobatch_straight / "checkpoints" / "step_00000006"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    subprocess.run([sys.executable, "-m", "selectivemae_ds.checkpoint", "to-universal", str(mid)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    universal = mid.with_name(mid.name + "_universal")
+    assert sorted(p.name for p in (universal / "rank_state").iterdir()) == [shard_name(0, 2), shard_name(1, 2)]
+    one = tmp_path / "one"
+    pretrain(one, launch_dataset, "zero2.json", *INFOBATCH_RUN, "--resume", str(universal), ranks=1)
+    a, b = logged(infobatch_straight), logged(one)
+    assert sorted(b) == list(range(7, max(a) + 1)), "the same pruned epoch, so the same number of steps"
+    for step in b:
+        assert b[step]["samples_seen"] == a[step]["samples_seen"] and b[step]["epoch"] == a[step]["epoch"]
+        # The same global batches split over 1 rank instead of 2: equal up to float reduction order.
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-3)
+    np.testing.assert_allclose(_table_of(_final_tag(one)), _table_of(_final_tag(infobatch_straight)), rtol=1e-3)
+    state = json.loads((_final_tag(one) / "client_state.json").read_text())
+    assert state["loader"]["epoch"] == 2 and state["loader"]["infobatch"]["total_epochs"] == 2.0
