@@ -38,8 +38,8 @@ checkpoints.
 
 Checkpoint. Each rank writes a fixed-size slice ``[r*n//W, (r+1)*n//W)`` of the two
 tables it needs (the live scores and the snapshot the current epoch was planned from,
-float32 each) as ``infobatch-rank{r}-of-{W}.npz`` in the checkpoint's ``rank_state/``; :meth:`InfoBatch.load`
-merges all slices, whatever the saving and loading world sizes.
+float32 each) as ``infobatch-rank{r}-of-{W}.npz`` in the checkpoint's ``rank_state/``;
+:meth:`InfoBatch.load` merges all slices, whatever the saving and loading world sizes.
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ class EpochPlan:
         return len(self.order) // global_batch
 
 
-def prune_plan(seed: int, epoch: int, scores: np.ndarray, *, ratio: float, active: bool) -> tuple[np.ndarray, np.ndarray]:
+def prune_plan(seed: int, epoch: int, scores: np.ndarray, *, ratio: float,
+               active: bool) -> tuple[np.ndarray, np.ndarray]:
     """(keep mask bool (n,), loss weights float32 (n,)) of ``epoch``: a pure function of its arguments.
 
     Well learned = scored (finite) and below the mean of the scored records. Of those,

@@ -569,8 +569,9 @@ class InputPipeline:
                                  f"checkpoint and is {mine!r} now; the sample order would differ")
         mine_ib = self.infobatch.settings() if self.infobatch is not None else None
         if state.get("infobatch") != mine_ib:
-            raise ValueError(f"cannot resume the input pipeline: data.infobatch settings were {state.get('infobatch')!r} "
-                             f"in the checkpoint and are {mine_ib!r} now; the sample order would differ")
+            raise ValueError(f"cannot resume the input pipeline: data.infobatch settings were "
+                             f"{state.get('infobatch')!r} in the checkpoint and are {mine_ib!r} now; the sample "
+                             "order would differ")
         samples_seen = int(state["samples_seen"])
         if mine_ib is None:
             epoch, g = order.position(samples_seen, self._n, self.global_batch)
