@@ -194,6 +194,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 INFOBATCH_RUN = ("--set", "data.infobatch=true", "--set", "data.infobatch_delta=1.0", "--set", "train.steps=0",
                  "--set", "train.epochs=2", "--set", "checkpoint.every_steps=3", "--set", "checkpoint.keep=20",
                  "--set", "train.picture_every=0")
+# About 9 steps, 3 checkpoints and a DALI rebuild per epoch: longer than the 4-step launches.
+LAUNCH_TIMEOUT = 1200
 
 
 def _table_of(tag: Path) -> np.ndarray:
@@ -207,7 +209,7 @@ def infobatch_straight(tmp_path_factory: pytest.TempPathFactory, launch_dataset:
     from tests.launch import pretrain
 
     run = tmp_path_factory.mktemp("infobatch") / "straight"
-    pretrain(run, launch_dataset, "zero2.json", *INFOBATCH_RUN)
+    pretrain(run, launch_dataset, "zero2.json", *INFOBATCH_RUN, timeout=LAUNCH_TIMEOUT)
     return run
 
 
@@ -220,6 +222,7 @@ def _final_tag(run: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
 def test_infobatch_exact_resume(tmp_path: Path, launch_dataset: Path, infobatch_straight: Path) -> None:
     from tests.launch import assert_same_weights, fp32_weights, logged, pretrain
 
@@ -231,7 +234,7 @@ def test_infobatch_exact_resume(tmp_path: Path, launch_dataset: Path, infobatch_
     resume_step = 6  # the first step of pruned epoch 1 is done; the plan comes from the saved snapshot
     mid = infobatch_straight / "checkpoints" / f"step_{resume_step:08d}"
     resumed = tmp_path / "resumed"
-    pretrain(resumed, launch_dataset, "zero2.json", *INFOBATCH_RUN, "--resume", str(mid))
+    pretrain(resumed, launch_dataset, "zero2.json", *INFOBATCH_RUN, "--resume", str(mid), timeout=LAUNCH_TIMEOUT)
     b = logged(resumed)
     assert sorted(b) == list(range(resume_step + 1, last + 1))
     for step in b:
@@ -245,6 +248,7 @@ def test_infobatch_exact_resume(tmp_path: Path, launch_dataset: Path, infobatch_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
 def test_infobatch_resume_on_one_rank_through_universal(tmp_path: Path, launch_dataset: Path,
                                                         infobatch_straight: Path) -> None:
     from tests.launch import logged, pretrain
@@ -256,7 +260,8 @@ def test_infobatch_resume_on_one_rank_through_universal(tmp_path: Path, launch_d
     universal = mid.with_name(mid.name + "_universal")
     assert sorted(p.name for p in (universal / "rank_state").iterdir()) == [shard_name(0, 2), shard_name(1, 2)]
     one = tmp_path / "one"
-    pretrain(one, launch_dataset, "zero2.json", *INFOBATCH_RUN, "--resume", str(universal), ranks=1)
+    pretrain(one, launch_dataset, "zero2.json", *INFOBATCH_RUN, "--resume", str(universal), ranks=1,
+             timeout=LAUNCH_TIMEOUT)
     a, b = logged(infobatch_straight), logged(one)
     assert sorted(b) == list(range(7, max(a) + 1)), "the same pruned epoch, so the same number of steps"
     for step in b:
