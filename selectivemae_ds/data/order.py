@@ -21,6 +21,9 @@ Layout of an epoch of ``n`` records with global batch ``B``::
     global batch g         [g*B, (g+1)*B)        for g < n // B
     rank r of world W      [g*B + r*B/W, g*B + (r+1)*B/W)
     the last n % B positions of the epoch are dropped (never a partial batch)
+
+With InfoBatch the same layout applies to the epoch's permutation with its pruned
+records removed (:func:`kept_order`), so an epoch has ``kept // B`` global batches.
 """
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ Order. The per-sample source, not DALI, defines what is read: DALI's sample coun
 :func:`order.stream_position` maps ``k`` to (epoch, permutation position) from the
 first global batch the pipeline was built at. The source never raises StopIteration,
 so DALI never ends an "epoch" of its own; our epochs follow each other inside one DALI
-epoch. Resuming is rebuilding the pipeline with another first batch.
+epoch. Resuming is rebuilding the pipeline with another first batch. With InfoBatch
+(``data.infobatch``, see ``infobatch.py``) the source serves one epoch in its pruned order
+instead, and the pipeline is rebuilt at each epoch boundary from the next epoch's plan.
 
 Bad records. A record whose crc32 fails, that is not a JPEG, or whose JPEG header
 disagrees with the stored size is replaced by the next sound record in the epoch's
