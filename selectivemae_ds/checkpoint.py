@@ -6,6 +6,7 @@ Layout under ``run_dir/checkpoints``::
       mp_rank_00_model_states.pt   DeepSpeed (module + client state)
       *_optim_states.pt            DeepSpeed ZeRO shards, one per rank
       client_state.json            step, samples_seen, loader state, resolved config, world size
+      rank_state/                  per-rank files besides DeepSpeed's (InfoBatch score-table slices)
       COMPLETE                     written last, by rank 0, after every rank has finished
     step_00000400_universal/       optional: ds_to_universal output (for a new world size)
 
@@ -44,8 +45,12 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from selectivemae_ds.atomic import atomic_write_bytes
+
 COMPLETE = "COMPLETE"
 CLIENT_STATE = "client_state.json"
+# Per-rank state files beside DeepSpeed's (save(rank_files=...)); to_universal copies the folder.
+RANK_STATE_DIR = "rank_state"
 UNIVERSAL_SUFFIX = "_universal"
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
 # Test-only fault hook: seconds every rank sleeps after its shards are written and before
@@ -183,10 +188,14 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int,
+         rank_files: dict[str, bytes] | None = None) -> Path:
     """Save a sharded checkpoint on every rank; rank 0 marks it complete after all ranks finished, then prunes.
 
-    Must be called by every rank (DeepSpeed gathers and writes collectively).
+    Must be called by every rank (DeepSpeed gathers and writes collectively). ``rank_files``
+    ({file name in RANK_STATE_DIR: bytes}, names unique per rank) is this rank's own state
+    besides DeepSpeed's, e.g. its slice of the InfoBatch score table; it is written before
+    the COMPLETE marker and copied by :func:`to_universal`.
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -204,6 +213,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=ds_client_state)
     if rank == 0:
         _atomic_write(tag_dir / CLIENT_STATE, json.dumps(client_state, indent=1))
+    for name, data in (rank_files or {}).items():
+        (tag_dir / RANK_STATE_DIR).mkdir(exist_ok=True)
+        atomic_write_bytes(tag_dir / RANK_STATE_DIR / name, data)
     delay = float(os.environ.get(DELAY_ENV, "0"))
     if delay > 0:
         time.sleep(delay)
@@ -274,6 +286,8 @@ def to_universal(tag_dir: Path, out_dir: Path | None = None, workers: int = 1) -
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
     subprocess.run(cmd, check=True)
+    if (tag_dir / RANK_STATE_DIR).is_dir():
+        shutil.copytree(tag_dir / RANK_STATE_DIR, out / RANK_STATE_DIR)
     _atomic_write(out / CLIENT_STATE, json.dumps(state, indent=1))
     _atomic_write(out / COMPLETE, f"{state['step']}\n")
     return out

@@ -92,6 +92,16 @@ class Trainer:
                                       micro_batch=cfg.train.micro_batch, rank=self.rank, world_size=self.world,
                                       device=self.device)
         self.cfg = resolve_steps(cfg, self.pipeline.steps_per_epoch)
+        self.infobatch = None
+        if self.cfg.data.infobatch:
+            from selectivemae_ds.data.infobatch import InfoBatch
+
+            # The run's length in full epochs: train.steps counts steps of unpruned epochs.
+            self.infobatch = InfoBatch(
+                n=self.pipeline.dataset_len, seed=self.cfg.train.seed, ratio=self.cfg.data.infobatch_ratio,
+                delta=self.cfg.data.infobatch_delta, total_epochs=self.cfg.train.steps / self.pipeline.steps_per_epoch,
+                device=self.device, rank=self.rank, world_size=self.world)
+            self.pipeline.attach_infobatch(self.infobatch)
         if self.rank == 0:
             write_resolved(self.cfg, self.cfg.run_dir)
         # The same seed on every rank gives identical initial weights before DeepSpeed broadcasts.
@@ -107,6 +117,7 @@ class Trainer:
         self.total = self.cfg.train.steps
         self.peak = peak_lr(self.cfg)
         self.step = 0
+        self.position = 0.0  # schedule position of the last step started (see _position)
         self.nonfinite_total = 0
         self.rolled_back = False
         self.finished = False
@@ -123,11 +134,18 @@ class Trainer:
             self.metrics.event({"event": "resume", "step": self.step, "from": str(target.tag_dir),
                                 "universal": target.universal, "world_size": self.world})
 
+    def _position(self) -> float:
+        """Where the schedules (lr, PSTS progress, run length) stand: the step, or with InfoBatch the
+        pipeline's position in steps of full epochs (pruned epochs take fewer steps)."""
+        return float(self.step) if self.infobatch is None else self.pipeline.schedule_position
+
     def _load(self, target: checkpoint.ResumeTarget) -> None:
         """Restore engine, loader position and counters from a complete checkpoint."""
         checkpoint.load(self.engine, target)
         state = target.client_state
         self.pipeline.load_state_dict(state["loader"])
+        if self.infobatch is not None:
+            self.infobatch.load(target.tag_dir / checkpoint.RANK_STATE_DIR)
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_steps", 0))
 
@@ -160,9 +178,10 @@ class Trainer:
         the all-reduced [loss, non-finite count] pair after the step.
         """
         cfg = self.cfg
-        set_lr(self.engine, lr_at(self.step, peak=self.peak, warmup_steps=cfg.optim.warmup_steps,
+        self.position = self._position()
+        set_lr(self.engine, lr_at(self.position, peak=self.peak, warmup_steps=cfg.optim.warmup_steps,
                                   total_steps=self.total, min_lr=cfg.optim.min_lr))
-        progress = progress_at(self.step, self.total)
+        progress = progress_at(self.position, self.total)
         torch.manual_seed(step_seed(cfg.train.seed, self.step, self.rank))
         inject = self.step in cfg.train.nonfinite_at
         poison = float(cfg.train.nonfinite_value)
@@ -174,10 +193,15 @@ class Trainer:
         stage_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         wait = 0.0
         imgs = torch.empty(0)
+        per_sample: list[torch.Tensor] = []
         for imgs, waited in self._micro_batches():
             wait += waited
             out = self.engine(imgs, progress)
             loss = out.loss
+            if self.infobatch is not None:
+                # InfoBatch: kept well-learned records count 1 / (1 - ratio); their losses become scores.
+                loss = self.infobatch.weighted_loss(out.per_sample_loss, self.pipeline.last_weights)
+                per_sample.append(out.per_sample_loss.detach())
             stage_sum += out.stats["stage"].float()
             if inject:
                 loss = loss * poison
@@ -190,6 +214,9 @@ class Trainer:
             self.engine.step()
         if hook is not None:
             hook.remove()
+        if self.infobatch is not None:
+            # One all_gather on the device; indices come from the order, not from other ranks.
+            self.infobatch.record(torch.cat(per_sample), self.pipeline.last_global_indices)
         packed = torch.stack([loss_sum / self.accum, bad, stage_sum / self.accum])
         dist.all_reduce(packed)
         loss_mean, n_bad, stage_mean = packed.tolist()  # HOST SYNC: the one per optimizer step
@@ -224,7 +251,7 @@ class Trainer:
     def _picture(self, imgs: torch.Tensor) -> None:
         """Input / HOG / visible / targets / reconstruction grid to TensorBoard (all ranks run the forward:
         ZeRO-3 gathers parameters collectively)."""
-        progress = progress_at(self.step, self.total)
+        progress = progress_at(self._position(), self.total)
         with torch.no_grad():
             details = self.engine.module.forward_details(imgs[:4], progress)
         if self.metrics is not None:
@@ -239,7 +266,7 @@ class Trainer:
         window_t, window_wait, window_steps = 0.0, 0.0, 0
         losses: list[float] = []
         stages: list[float] = []
-        while self.step < self.total:
+        while self._position() < self.total:
             t0 = time.perf_counter()
             loss, stage, applied, wait, imgs = self.train_step()
             elapsed = time.perf_counter() - t0
@@ -257,15 +284,17 @@ class Trainer:
                 self._rollback_or_stop(consecutive)
                 consecutive = 0
                 continue
-            if self.step % cfg.train.log_every == 0 or self.step == self.total:
+            if self.step % cfg.train.log_every == 0 or self._position() >= self.total:
                 self._log(losses, stages, window_t, window_wait, window_steps, peak_flops)
                 window_t, window_wait, window_steps = 0.0, 0.0, 0
                 losses, stages = [], []
             if cfg.train.picture_every and self.step % cfg.train.picture_every == 0:
                 self._picture(imgs)
-            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or self.step == self.total:
+            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or \
+                    self._position() >= self.total:
                 tag = checkpoint.save(self.engine, cfg.checkpoint_dir, self.step, self.client_state(),
-                                      cfg.checkpoint.keep)
+                                      cfg.checkpoint.keep,
+                                      rank_files=self.infobatch.shard() if self.infobatch is not None else None)
                 if self.metrics is not None:
                     self.metrics.event({"event": "checkpoint", "step": self.step, "path": str(tag)})
         self.finished = True
@@ -277,7 +306,7 @@ class Trainer:
             return
         cfg = self.cfg
         img_s = cfg.train.global_batch * window_steps / max(window_t, 1e-9)
-        progress = progress_at(self.step - 1, self.total)
+        progress = progress_at(self.position, self.total)
         # HOST SYNC on log steps only, where DeepSpeed keeps the norm as a device tensor.
         grad_norm = self.engine.get_global_grad_norm()
         # inf after a skipped step: logged as null so the JSONL stays strict JSON.
@@ -285,10 +314,10 @@ class Trainer:
         self.metrics.log({
             "step": self.step,
             "total_steps": self.total,
-            "epoch": self.pipeline.samples_seen / self.pipeline.dataset_len,
+            "epoch": self.pipeline.epoch_progress,
             "samples_seen": self.pipeline.samples_seen,
             "loss": float(np.mean(losses)) if losses else float("nan"),
-            "lr": lr_at(self.step - 1, peak=self.peak, warmup_steps=cfg.optim.warmup_steps,
+            "lr": lr_at(self.position, peak=self.peak, warmup_steps=cfg.optim.warmup_steps,
                         total_steps=self.total, min_lr=cfg.optim.min_lr),
             # Host value already (DeepSpeed computed it for clipping); None before the first update.
             "grad_norm": grad_norm,

@@ -23,9 +23,9 @@ def free_port() -> int:
 
 
 def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 2,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
     """4 steps of the demo model at lr 1e-3 (large enough that every step moves the weights),
-    a checkpoint every 2 steps; `extra` are more CLI arguments (later --set wins)."""
+    a checkpoint every 2 steps; `extra` are more CLI arguments (later --set wins); `timeout` in seconds."""
     args = ["--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / ds_json),
             "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", "--set", "train.steps=4",
             "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3",
@@ -36,7 +36,7 @@ def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
                str(REPO / "launcher" / "pretrain.py"), *args]
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -125,3 +125,21 @@ def test_draws_are_independent_of_call_order() -> None:
     forward = [order.crop_params(2, 1, i, 200, 300) for i in range(10)]
     backward = [order.crop_params(2, 1, i, 200, 300) for i in reversed(range(10))][::-1]
     assert forward == backward
+
+
+def test_kept_order_removes_pruned_records_and_keeps_the_permutation_order() -> None:
+    perm = order.epoch_permutation(3, 1, 50)
+    keep = np.ones(50, dtype=bool)
+    keep[[0, 7, 19, 42]] = False
+    kept = order.kept_order(perm, keep)
+    assert kept.tolist() == [int(i) for i in perm if i not in (0, 7, 19, 42)]
+    assert np.array_equal(order.kept_order(perm, np.ones(50, dtype=bool)), perm)
+    with pytest.raises(ValueError, match="does not match a permutation"):
+        order.kept_order(perm, keep[:10])
+
+
+def test_prune_keys_are_reproducible_and_independent_of_the_permutation_stream() -> None:
+    keys = order.prune_keys(3, 1, 1000)
+    assert keys.dtype == np.uint64 and np.array_equal(keys, order.prune_keys(3, 1, 1000))
+    assert not np.array_equal(keys, order.prune_keys(3, 2, 1000))
+    assert not np.array_equal(np.argsort(keys, kind="stable"), order.epoch_permutation(3, 1, 1000))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
+from selectivemae_ds.data.infobatch import InfoBatch
 from selectivemae_ds.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, InputPipeline, _SampleSource,
                                            jpeg_size)
 from selectivemae_ds.data.shards import ShardedDataset
@@ -310,3 +311,75 @@ def test_workers_die_with_a_killed_rank(tmp_path, dataset):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _fake_losses(indices: np.ndarray, step: int) -> torch.Tensor:
+    """A deterministic stand-in for the model's per-sample loss (varies by record and step)."""
+    return torch.from_numpy(((indices * 37 + step * 11) % 23).astype(np.float32) / 10)
+
+
+def _infobatch_run(pipe: InputPipeline, table: InfoBatch, steps: int, first_step: int = 0
+                   ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``steps`` global batches with the table updated after each; per batch (epoch, indices, weights)."""
+    out = []
+    for step in range(first_step, first_step + steps):
+        epoch = pipe.epoch
+        _images, idx = _take(pipe, 1)
+        weights = table.plan(epoch).weights[idx[0]]
+        assert np.array_equal(pipe.last_global_indices, idx[0])
+        table.record(_fake_losses(idx[0], step), pipe.last_global_indices)
+        out.append((epoch, idx[0], weights))
+    return out
+
+
+def test_infobatch_prunes_each_epoch_and_resumes_mid_epoch(dataset: Path, tmp_path: Path) -> None:
+    def table() -> InfoBatch:
+        # delta 0.7 of 4 epochs: epochs 0-2 prune (0 has no scores yet), epoch 3 does not.
+        return InfoBatch(n=N, seed=SEED, ratio=0.5, delta=0.7, total_epochs=4.0)
+
+    straight_table = table()
+    with InputPipeline(_cfg(dataset), seed=SEED, global_batch=GLOBAL_BATCH, micro_batch=4, rank=0,
+                       world_size=1) as pipe:
+        pipe.attach_infobatch(straight_table)
+        straight = _infobatch_run(pipe, straight_table, 5)
+        assert (pipe.epoch, pipe.schedule_position, pipe.epoch_progress) == (1, 5.0, 1.0)
+        s1 = pipe.steps_in_epoch
+        order1 = straight_table.plan(1).order
+        assert s1 == len(order1) // GLOBAL_BATCH < 5, "epoch 1 is pruned"
+        kept1 = np.isin(np.arange(N), order1)
+        assert np.array_equal(order1, order.kept_order(order.epoch_permutation(SEED, 1, N), kept1))
+        straight += _infobatch_run(pipe, straight_table, 1, first_step=5)
+        assert pipe.schedule_position == pytest.approx(5 + 5 / s1) and pipe.epoch_progress == pytest.approx(1 + 1 / s1)
+        state = pipe.state_dict()
+        saved = straight_table.shard()
+        while pipe.epoch < 4:
+            straight += _infobatch_run(pipe, straight_table, 1, first_step=len(straight))
+    steps = [sum(1 for e, _i, _w in straight if e == epoch) for epoch in range(4)]
+    assert steps[0] == 5 and steps[1] == s1 and steps[2] < 5 and steps[3] == 5, steps
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 1 and state["samples_seen"] == 6 * GLOBAL_BATCH
+    assert straight_table.plan(3).pruned == 0, "epoch 3 is the unpruned tail (3 >= 0.7 * 4)"
+    # Epoch 0 is the full permutation with weight 1; epoch 1 follows its pruned order, with rescaled records.
+    assert np.array_equal(np.concatenate([i for e, i, _w in straight if e == 0]),
+                          order.epoch_permutation(SEED, 0, N)[:40])
+    assert all((w == 1).all() for e, _i, w in straight if e in (0, 3))
+    assert any((w == 2).any() for e, _i, w in straight if e == 1)
+    assert np.array_equal(np.concatenate([i for e, i, _w in straight if e == 1]), order1[:s1 * GLOBAL_BATCH])
+
+    for name, data in saved.items():
+        (tmp_path / name).write_bytes(data)
+    resumed_table = table()
+    resumed_table.load(tmp_path)
+    with InputPipeline(_cfg(dataset), seed=SEED, global_batch=GLOBAL_BATCH, micro_batch=2, rank=0,
+                       world_size=1) as pipe:
+        pipe.attach_infobatch(resumed_table)
+        pipe.load_state_dict(state)
+        resumed = _infobatch_run(pipe, resumed_table, len(straight) - 6, first_step=6)
+        assert pipe.epoch == 4
+    for (ea, ia, wa), (eb, ib, wb) in zip(straight[6:], resumed):
+        assert ea == eb and np.array_equal(ia, ib) and np.array_equal(wa, wb)
+    torch.testing.assert_close(resumed_table.live, straight_table.live, rtol=0, atol=0, equal_nan=True)
+
+    with InputPipeline(_cfg(dataset), seed=SEED, global_batch=GLOBAL_BATCH, micro_batch=4, rank=0,
+                       world_size=1) as plain:
+        with pytest.raises(ValueError, match="data.infobatch settings were"):
+            plain.load_state_dict(state)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from selectivemae_ds.errors import ConfigError
+
 DEVICES = ("auto", "cpu", "gpu")
 DTYPES = ("float32", "bfloat16")
 
@@ -48,6 +50,17 @@ class DataConfig:
     dtype: str = "float32"
     """Element type of the delivered images: "float32" or "bfloat16"."""
 
+    infobatch: bool = False
+    """Prune well-learned samples each epoch (InfoBatch, as the public SelectiveMAE training
+    script does; not in the paper). Off by default. See docs/loader.md, "InfoBatch"."""
+
+    infobatch_ratio: float = 0.5
+    """InfoBatch: share of the below-mean-loss samples pruned per epoch, in (0, 0.9]; the kept
+    ones get loss weight 1 / (1 - ratio) (public code: 0.5)."""
+
+    infobatch_delta: float = 0.875
+    """InfoBatch: epochs e < delta * (run's epochs) prune, the rest do not (public code: 0.875)."""
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad key (``data.<key>: ...``)."""
         if not self.path:
@@ -76,6 +89,17 @@ class DataConfig:
             raise ValueError(f"data.device: one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"data.dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_infobatch(self.infobatch_ratio, self.infobatch_delta)
+
+
+def check_infobatch(ratio: float, delta: float) -> None:
+    """ConfigError naming the ``data.*`` key when the InfoBatch prune ratio or pruning span is out of range."""
+    if not (isinstance(ratio, float) and 0.0 < ratio <= 0.9):
+        raise ConfigError(f"data.infobatch_ratio: the share of well-learned samples pruned per epoch must be in "
+                          f"(0, 0.9] (public code: 0.5), got {ratio!r}")
+    if not (isinstance(delta, float) and 0.0 < delta <= 1.0):
+        raise ConfigError(f"data.infobatch_delta: the fraction of the epochs that prune must be in (0, 1] "
+                          f"(public code: 0.875), got {delta!r}")
 
 
 def _pair(key: str, value: object) -> tuple[float, float]:

@@ -21,6 +21,9 @@ Layout of an epoch of ``n`` records with global batch ``B``::
     global batch g         [g*B, (g+1)*B)        for g < n // B
     rank r of world W      [g*B + r*B/W, g*B + (r+1)*B/W)
     the last n % B positions of the epoch are dropped (never a partial batch)
+
+With InfoBatch the same layout applies to the epoch's permutation with its pruned
+records removed (:func:`kept_order`), so an epoch has ``kept // B`` global batches.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 _TAG_PERMUTATION = 0x5EED_0001
 _TAG_CROP = 0x5EED_0002
 _TAG_FLIP = 0x5EED_0003
+_TAG_PRUNE = 0x5EED_0004
 
 # torchvision RandomResizedCrop tries 10 boxes before falling back to a centre crop.
 CROP_ATTEMPTS = 10
@@ -70,6 +74,24 @@ def steps_per_epoch(n: int, global_batch: int) -> int:
     if n < global_batch:
         raise ValueError(f"dataset of {n} records is smaller than one global batch of {global_batch}")
     return n // global_batch
+
+
+def prune_keys(seed: int, epoch: int, n: int) -> np.ndarray:
+    """One uint64 key per record for ``epoch``'s InfoBatch draw: the kept well-learned records
+    are those with the smallest keys (a uniform subset of exact size, see ``data/infobatch.py``)."""
+    _check_key(seed, epoch)
+    return np.random.SeedSequence([seed, epoch, _TAG_PRUNE]).generate_state(n, np.uint64)
+
+
+def kept_order(permutation: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """An epoch's order with pruned records removed: the permutation's kept entries, in order.
+
+    ``keep`` is a bool mask over record indices (n,). Batching then works on this order
+    exactly as on the full permutation (global batch g = positions [g*B, (g+1)*B)).
+    """
+    if keep.shape != permutation.shape:
+        raise ValueError(f"keep mask of shape {keep.shape} does not match a permutation of {permutation.shape}")
+    return permutation[keep[permutation]]
 
 
 def rank_slice(batch_index: int, global_batch: int, rank: int, world_size: int) -> tuple[int, int]:

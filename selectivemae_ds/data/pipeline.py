@@ -27,7 +27,9 @@ Order. The per-sample source, not DALI, defines what is read: DALI's sample coun
 :func:`order.stream_position` maps ``k`` to (epoch, permutation position) from the
 first global batch the pipeline was built at. The source never raises StopIteration,
 so DALI never ends an "epoch" of its own; our epochs follow each other inside one DALI
-epoch. Resuming is rebuilding the pipeline with another first batch.
+epoch. Resuming is rebuilding the pipeline with another first batch. With InfoBatch
+(``data.infobatch``, see ``infobatch.py``) the source serves one epoch in its pruned order
+instead, and the pipeline is rebuilt at each epoch boundary from the next epoch's plan.
 
 Bad records. A record whose crc32 fails, that is not a JPEG, or whose JPEG header
 disagrees with the stored size is replaced by the next sound record in the epoch's
@@ -55,7 +57,9 @@ import torch.nn.functional as F
 
 from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
+from selectivemae_ds.data.infobatch import EpochPlan, InfoBatch
 from selectivemae_ds.data.shards import RecordCorruptError, ShardedDataset
+from selectivemae_ds.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ class _SampleSource:
 
     def __init__(self, root: str, *, seed: int, first_batch: int, global_batch: int, rank: int,
                  world_size: int, batches_per_epoch: int, scale: tuple[float, float],
-                 ratio: tuple[float, float], hflip: float):
+                 ratio: tuple[float, float], hflip: float, epoch: int = 0, kept: np.ndarray | None = None):
         self.dataset = ShardedDataset(root)
         self.n = len(self.dataset)
         self.seed = seed
@@ -166,6 +170,12 @@ class _SampleSource:
         self.hflip = hflip
         self._perms: dict[int, np.ndarray] = {}
         self._gray: bytes | None = None
+        # InfoBatch: the source serves one epoch, ``epoch``, in the order ``kept`` (record
+        # indices, pruned ones removed) from its global batch ``first_batch``; the pipeline is
+        # rebuilt for the next epoch. Stream samples past the epoch's end (DALI's prefetch)
+        # wrap around inside it and are never delivered.
+        self.epoch = epoch
+        self.kept = kept if kept is None or len(kept) >= 2**31 else kept.astype(np.int32)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -180,6 +190,8 @@ class _SampleSource:
             _die_with_parent(parent)
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        if self.kept is not None:
+            return self.kept
         perm = self._perms.get(epoch)
         if perm is None:
             # Two epochs at most: around a boundary a worker serves samples of both.
@@ -204,8 +216,8 @@ class _SampleSource:
         """(bytes, h, w, record used, intended record) for permutation position ``pos``."""
         perm = self._permutation(epoch)
         index = int(perm[pos])
-        for t in range(min(MAX_SUBSTITUTE_TRIES, self.n)):
-            used = int(perm[(pos + t) % self.n])
+        for t in range(min(MAX_SUBSTITUTE_TRIES, len(perm))):
+            used = int(perm[(pos + t) % len(perm)])
             got = self._sound(used)
             if got is not None:
                 return got[0], got[1], got[2], used, index
@@ -219,6 +231,8 @@ class _SampleSource:
         epoch, pos = order.stream_position(
             k, first_batch=self.first_batch, global_batch=self.global_batch, rank=self.rank,
             world_size=self.world_size, batches_per_epoch=self.batches_per_epoch)
+        if self.kept is not None:
+            epoch = self.epoch
         data, h, w, used, index = self.record(epoch, pos)
         # Draws are keyed by the intended record, so a substitute does not shift anyone's.
         y, x, ch, cw = order.crop_params(self.seed, epoch, index, h, w, self.scale, self.ratio)
@@ -309,6 +323,15 @@ class InputPipeline:
                              f"of {global_batch}")
         self._steps_per_epoch = order.steps_per_epoch(self._n, global_batch)
         self._batches_done = 0  # absolute global batches completed (all epochs)
+        self._epoch = 0  # epoch of the next global batch
+        self._batch = 0  # global batches of that epoch already completed
+        self.infobatch: InfoBatch | None = None
+        self._plan: EpochPlan | None = None  # InfoBatch's plan of self._epoch, once drawn
+        self._built_epoch = -1  # epoch the running DALI pipeline serves (InfoBatch builds one per epoch)
+        self.last_weights: np.ndarray | None = None
+        """InfoBatch loss weights of the last micro-batch's records, float32 (micro_batch,); None without it."""
+        self.last_global_indices = np.empty(0, dtype=np.int64)
+        """InfoBatch: record indices of the last completed global batch, all ranks in rank order, (global_batch,)."""
         self._micro = 0  # micro-batches of the current global batch already yielded
         self._k = 0  # next stream sample index expected from the running DALI pipeline
         self.substituted = 0
@@ -318,8 +341,55 @@ class InputPipeline:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Global batches per epoch (the last partial one is dropped)."""
+        """Global batches of a full (unpruned) epoch (the last partial one is dropped)."""
         return self._steps_per_epoch
+
+    @property
+    def steps_in_epoch(self) -> int:
+        """Global batches of the current epoch: fewer than ``steps_per_epoch`` when InfoBatch pruned it."""
+        if self.infobatch is None:
+            return self._steps_per_epoch
+        return self._current_plan().steps(self.global_batch)
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, fractional inside the current epoch (by its own number of steps)."""
+        return self._epoch + (self._batch / self.steps_in_epoch if self._batch else 0.0)
+
+    @property
+    def schedule_position(self) -> float:
+        """Progress in steps of full epochs: ``epoch_progress * steps_per_epoch``.
+
+        Without InfoBatch this is the number of completed global batches; with it, the
+        learning-rate and PSTS schedules run on this (the public code's per-epoch-fraction
+        schedule), so a run of E epochs follows the same curve however many steps pruning saves.
+        """
+        if not self._batch:
+            return float(self._epoch * self._steps_per_epoch)
+        return self._epoch * self._steps_per_epoch + self._batch * self._steps_per_epoch / self.steps_in_epoch
+
+    def attach_infobatch(self, infobatch: InfoBatch) -> None:
+        """Prune each epoch by ``infobatch``'s plans (before the first batch or ``load_state_dict``)."""
+        if self._pipe is not None or self._micro:
+            raise ValueError("attach_infobatch() after iteration started; attach it before the first batch")
+        if infobatch.n != self._n or infobatch.seed != self.seed:
+            raise ValueError(f"InfoBatch table of {infobatch.n} records (seed {infobatch.seed}) for a dataset of "
+                             f"{self._n} (seed {self.seed})")
+        self.infobatch = infobatch
+        self._plan = None
+
+    def _current_plan(self) -> EpochPlan:
+        """InfoBatch's plan of the current epoch, drawn on first use; DataError when it leaves no full batch."""
+        assert self.infobatch is not None
+        if self._plan is None or self._plan.epoch != self._epoch:
+            plan = self.infobatch.plan(self._epoch)
+            if plan.steps(self.global_batch) < 1:
+                raise DataError(f"InfoBatch kept {len(plan.order)} of {self._n} records in epoch {self._epoch}, "
+                                f"less than one global batch of {self.global_batch}; lower data.infobatch_ratio")
+            self._plan = plan
+            log.info("rank %d: InfoBatch epoch %d keeps %d of %d records (%d steps of %d)", self.rank,
+                     self._epoch, len(plan.order), self._n, plan.steps(self.global_batch), self._steps_per_epoch)
+        return self._plan
 
     @property
     def dataset_len(self) -> int:
@@ -333,15 +403,24 @@ class InputPipeline:
     @property
     def epoch(self) -> int:
         """Epoch of the next global batch."""
-        return self._batches_done // self._steps_per_epoch
+        return self._epoch
 
     def _build(self) -> None:
         from nvidia.dali import Pipeline, fn, types
 
+        if self.infobatch is None:
+            # One endless stream over all epochs, from the absolute global batch.
+            epoch_kw: dict[str, Any] = {"first_batch": self._epoch * self._steps_per_epoch + self._batch,
+                                        "batches_per_epoch": self._steps_per_epoch}
+        else:
+            # This epoch only, in its pruned order; the pipeline is rebuilt at its end.
+            plan = self._current_plan()
+            epoch_kw = {"first_batch": self._batch, "batches_per_epoch": plan.steps(self.global_batch),
+                        "epoch": self._epoch, "kept": plan.order}
         source = _SampleSource(
-            str(self.cfg.path), seed=self.seed, first_batch=self._batches_done, global_batch=self.global_batch,
-            rank=self.rank, world_size=self.world_size, batches_per_epoch=self._steps_per_epoch,
-            scale=tuple(self.cfg.scale), ratio=tuple(self.cfg.ratio), hflip=self.cfg.hflip)
+            str(self.cfg.path), seed=self.seed, global_batch=self.global_batch, rank=self.rank,
+            world_size=self.world_size, scale=tuple(self.cfg.scale), ratio=tuple(self.cfg.ratio),
+            hflip=self.cfg.hflip, **epoch_kw)
         gpu = self.decode_device == "mixed"
         pipe = Pipeline(
             batch_size=self.micro_batch, num_threads=self.cfg.decode_threads,
@@ -373,6 +452,7 @@ class InputPipeline:
                 pipe.set_outputs(images, meta, mirror)
         pipe.build()
         self._pipe = pipe
+        self._built_epoch = self._epoch
         self._k = 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -380,6 +460,11 @@ class InputPipeline:
 
     def __next__(self) -> torch.Tensor:
         """The next micro-batch: (micro_batch, 3, img_size, img_size), cfg.dtype, on self.device."""
+        if self.infobatch is not None and self._pipe is not None and self._built_epoch != self._epoch:
+            # A new InfoBatch epoch: its plan needs the last epoch's losses, recorded since the
+            # last next(), so its pipeline is built only now. Closed here, not at the epoch's
+            # end, because the last batch may still be a view of DALI's output buffer.
+            self.close()
         if self._pipe is None:
             self._build()
         images_tl, meta_tl, *mirror_tl = self._pipe.run()
@@ -390,6 +475,8 @@ class InputPipeline:
                                f"{expected.tolist()}: the sample order guarantee is broken")
         self._k += self.micro_batch
         self.last_indices = meta[:, _META_INDEX].copy()
+        if self.infobatch is not None:
+            self.last_weights = self._current_plan().weights[self.last_indices]
         self._note_substitutions(meta)
         if self.decode_device == "mixed":
             images = self._to_torch(images_tl)
@@ -397,9 +484,21 @@ class InputPipeline:
             images = self._finish_on_host(images_tl, np.array(mirror_tl[0].as_tensor()))
         self._micro += 1
         if self._micro == self.accum:
-            self._micro = 0
-            self._batches_done += 1
+            self._end_global_batch()
         return images
+
+    def _end_global_batch(self) -> None:
+        """Count a completed global batch (and, with InfoBatch, note its records)."""
+        if self.infobatch is not None:
+            plan = self._current_plan()
+            self.last_global_indices = plan.order[self._batch * self.global_batch:
+                                                  (self._batch + 1) * self.global_batch]
+        self._micro = 0
+        self._batches_done += 1
+        self._batch += 1
+        if self._batch == self.steps_in_epoch:
+            self._epoch += 1
+            self._batch = 0
 
     def _to_torch(self, images_tl: Any) -> torch.Tensor:
         """DALI GPU TensorList (micro_batch, 3, S, S) -> torch tensor on self.device, no host round trip."""
@@ -455,8 +554,12 @@ class InputPipeline:
         if self._micro:
             raise ValueError(f"state_dict() in the middle of a global batch ({self._micro}/{self.accum} "
                              "micro-batches yielded); save after the optimizer step")
-        return {"seed": self.seed, "global_batch": self.global_batch, "dataset_len": self._n,
-                "samples_seen": self.samples_seen, "substituted": self.substituted}
+        state = {"seed": self.seed, "global_batch": self.global_batch, "dataset_len": self._n,
+                 "samples_seen": self.samples_seen, "substituted": self.substituted}
+        if self.infobatch is not None:
+            # Pruned epochs have varying lengths: samples_seen alone no longer gives the position.
+            state.update(epoch=self._epoch, batch_in_epoch=self._batch, infobatch=self.infobatch.settings())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after ``state["samples_seen"]``; the world size may differ from the saving run's."""
@@ -466,9 +569,20 @@ class InputPipeline:
             if state.get(key) != mine:
                 raise ValueError(f"cannot resume the input pipeline: {key} was {state.get(key)!r} in the "
                                  f"checkpoint and is {mine!r} now; the sample order would differ")
-        epoch, g = order.position(int(state["samples_seen"]), self._n, self.global_batch)
+        mine_ib = self.infobatch.settings() if self.infobatch is not None else None
+        if state.get("infobatch") != mine_ib:
+            raise ValueError(f"cannot resume the input pipeline: data.infobatch settings were "
+                             f"{state.get('infobatch')!r} in the checkpoint and are {mine_ib!r} now; the sample "
+                             "order would differ")
+        samples_seen = int(state["samples_seen"])
+        if mine_ib is None:
+            epoch, g = order.position(samples_seen, self._n, self.global_batch)
+        else:
+            epoch, g = int(state["epoch"]), int(state["batch_in_epoch"])
         self.close()
-        self._batches_done = epoch * self._steps_per_epoch + g
+        self._batches_done = samples_seen // self.global_batch
+        self._epoch, self._batch = epoch, g
+        self._plan = None
         self.substituted = int(state.get("substituted", 0))
 
     def close(self) -> None:
