@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from selectivemae_ds.atomic import atomic_write_bytes, atomic_write_text, check_writable_dir
 from selectivemae_ds.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
-from selectivemae_ds.errors import ConfigError, DataError
+from selectivemae_ds.errors import ConfigError, DataError, RunError
 from selectivemae_ds.evaluate import (Encoder, ImageDataset, LabeledSet, build_timm, eval_transform, floors,
                                       load_labeled, make_loader, resolve_encoder)
 
@@ -74,8 +74,7 @@ class Recipe:
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch >= 1, f"--batch must be >= 1, got {self.batch}"),
             (self.blr > 0 and (self.lr is None or self.lr > 0), "--blr / --lr must be > 0"),
-            (0 <= self.warmup_epochs < self.epochs or self.epochs == 1 and self.warmup_epochs == 0,
-             f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}"),
+            (0 <= self.warmup_epochs < self.epochs, f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}"),
             (0 < self.layer_decay <= 1, f"--layer-decay must be in (0, 1], got {self.layer_decay}"),
             (0 <= self.drop_path < 1, f"--drop-path must be in [0, 1), got {self.drop_path}"),
             (0 <= self.smoothing < 1, f"--smoothing must be in [0, 1), got {self.smoothing}"),
@@ -319,7 +318,7 @@ def finetune_one(encoder: Encoder, data: LabeledSet, recipe: Recipe, seed: int, 
             with autocast(world.device):
                 loss = criterion(net(x), y)
             if not torch.isfinite(loss):
-                raise DataError(f"fine-tuning loss is {loss.item()} at epoch {epoch} (seed {seed}); lower --blr")
+                raise RunError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1} (seed {seed}); lower --blr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.clip_grad:
