@@ -10,7 +10,9 @@ Layout under ``run_dir/checkpoints``::
     step_00000400_universal/       optional: ds_to_universal output (for a new world size)
 
 A tag without ``COMPLETE`` (a crash mid-write) is never loaded, and DeepSpeed's own
-``latest`` file is not trusted: auto-resume scans for the newest complete tag. The
+``latest`` file is not trusted: auto-resume scans for the newest complete tag that passes
+:func:`validate_tag` (its files, and :func:`check_pickles`: DeepSpeed unpickles with
+``weights_only=False``, so every file it could open is checked first). The
 checkpoint directory must be on a filesystem every node sees (rank 0 writes the
 marker after a barrier, which is only meaningful when it sees the other ranks' files).
 
@@ -18,7 +20,7 @@ Universal conversion (changing the number of ranks)::
 
     python -m selectivemae_ds.checkpoint to-universal RUN_DIR/checkpoints/step_00000400
 
-runs ``python -m deepspeed.checkpoint.ds_to_universal`` and copies the client state,
+validates the tag, runs ``python -m deepspeed.checkpoint.ds_to_universal`` and copies the client state,
 giving ``step_00000400_universal`` (complete); resume from it with
 ``--resume RUN_DIR/checkpoints/step_00000400_universal``.
 """
@@ -65,8 +67,6 @@ ALLOWED_GLOBALS = frozenset({
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
 })
-
-
 # A failed write leaving less than this free on the checkpoint filesystem is reported as a full disk.
 FULL_DISK_BYTES = 1 << 20
 
@@ -83,6 +83,7 @@ class DamagedCheckpointError(CheckpointError):
 
 class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed for lack of space (ENOSPC/EDQUOT); earlier tags are untouched."""
+
 
 # Resolved-config keys that must match to resume: they fix the parameter shapes, the
 # data order or the meaning of a step. Everything else (logging, lr, paths) may change.
@@ -184,8 +185,11 @@ class ResumeTarget:
 
 
 def is_universal(tag_dir: Path) -> bool:
-    """A ds_to_universal output (``zero/<param>/*.pt``), loadable by any number of ranks."""
-    return tag_dir.name.endswith(UNIVERSAL_SUFFIX) or (tag_dir / "zero").is_dir()
+    """A ds_to_universal output (``zero/<param>/*.pt``), loadable by any number of ranks.
+
+    A ``zero`` that is a link does not count (:func:`check_pickles` refuses it)."""
+    zero = tag_dir / "zero"
+    return tag_dir.name.endswith(UNIVERSAL_SUFFIX) or (zero.is_dir() and not zero.is_symlink())
 
 
 def _missing_files(tag: Path, world_size: int) -> list[str]:
@@ -481,9 +485,9 @@ def to_universal(tag_dir: Path, out_dir: Path | None = None, workers: int = 1) -
     ds_to_universal, which unpickles with ``weights_only=False``, opens any file of it.
     """
     tag_dir = Path(tag_dir)
-    state = validate_tag(tag_dir)
     if is_universal(tag_dir):
         raise ConfigError(f"{tag_dir} is already a universal checkpoint; resume from it with --resume {tag_dir}")
+    state = validate_tag(tag_dir)
     out = Path(out_dir) if out_dir is not None else tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (out / "zero").is_dir()):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from selectivemae_ds import checkpoint
-from selectivemae_ds.errors import CheckpointError, ConfigError
+from selectivemae_ds.errors import EXIT_CHECKPOINT, EXIT_CONFIG, CheckpointError, ConfigError, run_cli
 from tests.launch import BIN, DEMO, REPO, assert_same_weights, fp32_weights, logged, pretrain
 
 
@@ -146,6 +146,35 @@ def test_prune_leaves_tags_newer_than_the_save_alone(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
 
 
+def test_to_universal_cli_refuses_before_converting(tmp_path: Path, capsys) -> None:
+    """``python -m selectivemae_ds.checkpoint`` goes through errors.run_cli: typed errors, exit codes, help."""
+    main = checkpoint.main
+    assert run_cli(main, ["to-universal", str(tmp_path / "nope")]) == EXIT_CHECKPOINT
+    assert f"checkpoint error: {tmp_path / 'nope'}: no such checkpoint directory" in capsys.readouterr().err
+    interrupted = make_tag(tmp_path / "a", 2, complete=False)
+    assert run_cli(main, ["to-universal", str(interrupted)]) == EXIT_CHECKPOINT
+    assert "is incomplete (no COMPLETE marker)" in capsys.readouterr().err
+    tag = make_tag(tmp_path / "b", 2, complete=True)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    assert run_cli(main, ["to-universal", str(tag), "--out", str(taken)]) == EXIT_CONFIG
+    assert f"config error: --out: {taken} exists and is not an earlier universal conversion" in capsys.readouterr().err
+    assert (taken / "notes.txt").read_text() == "keep me"
+    (tag / "zero").mkdir()
+    assert run_cli(main, ["to-universal", str(tag)]) == EXIT_CONFIG
+    assert "is already a universal checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["to-universal", str(tag), "--workers", "0"])
+    assert info.value.code == 2 and "--workers: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["to-universal", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for text in ("a complete sharded tag, e.g.", "output directory (default: TAG_DIR_universal",
+                 "processes ds_to_universal uses", "show this help message"):
+        assert text in help_text
+
+
 def test_incompatible_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     saved = {"model": {"method": "selectivemae", "size": "tiny", "img_size": 64}, "train": {"global_batch": 8}}
     make_tag(tmp_path, 2, complete=True, config=saved)
@@ -172,7 +201,8 @@ def test_other_world_size_needs_universal_conversion(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ds_json, resume", [("zero2.json", "path"), ("zero3.json", "auto")])
 def test_resume_equals_straight_run(tmp_path: Path, launch_dataset: Path, straight_run, ds_json: str, resume: str) -> None:
     """ZeRO-2 resumes from a named tag; ZeRO-3 with --resume auto from a run_dir whose
-    newest tag is an interrupted write (its shards are there, COMPLETE is not)."""
+    newest tag is complete but lost rank 1's optimizer shard (passed over with a warning) and
+    whose next one is an interrupted write (its shards are there, COMPLETE is not)."""
     straight, resumed = straight_run(ds_json), tmp_path / "resumed"
     mid = straight / "checkpoints" / "step_00000002"
     assert checkpoint.is_complete(mid)
@@ -182,8 +212,12 @@ def test_resume_equals_straight_run(tmp_path: Path, launch_dataset: Path, straig
         shutil.copytree(mid, ckpts / mid.name)
         interrupted = shutil.copytree(straight / "checkpoints" / "step_00000004", ckpts / "step_00000003")
         (interrupted / checkpoint.COMPLETE).unlink()
+        damaged = Path(shutil.copytree(straight / "checkpoints" / "step_00000004", ckpts / "step_00000004"))
+        next(damaged.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")).unlink()
         r = pretrain(resumed, launch_dataset, ds_json, "--resume", "auto")
         assert f"from={ckpts / mid.name}" in r.stdout
+        assert (f"[resume] warning: passed over a damaged checkpoint: {damaged}: missing "
+                "*zero_pp_rank_1_mp_rank_00_optim_states.pt (rank 1's optimizer states)") in r.stderr
     else:
         r = pretrain(resumed, launch_dataset, ds_json, "--resume", str(mid))
     assert "[resume] step=2" in r.stdout
