@@ -289,6 +289,12 @@ def resolve_resume(resume: str, ckpt_dir: Path, current_config: dict[str, Any], 
     return ResumeTarget(tag_dir=tag, client_state=state, universal=universal, skipped=skipped)
 
 
+def warn_skipped(target: ResumeTarget) -> None:
+    """Print on stderr, one line each, why ``--resume auto`` passed over newer complete tags (call on one rank)."""
+    for why in target.skipped:
+        print(f"[resume] warning: passed over a damaged checkpoint: {why}", file=sys.stderr, flush=True)
+
+
 def check_steps(target: ResumeTarget, steps: int) -> None:
     """:class:`ConfigError` when the resolved ``train.steps`` is below the checkpoint's step."""
     done = int(target.client_state["step"])

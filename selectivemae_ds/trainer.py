@@ -84,8 +84,7 @@ class Trainer:
         target = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir, config_to_dict(cfg),
                                            self.world)
         if target is not None and self.rank == 0:
-            for why in target.skipped:
-                print(f"[resume] warning: passed over a damaged checkpoint: {why}", file=sys.stderr, flush=True)
+            checkpoint.warn_skipped(target)
         ds_config = merge_ds_config(ds_json, cfg, self.world, source=ds_source,
                                     load_universal=bool(target and target.universal))
         from selectivemae_ds.data.pipeline import InputPipeline
