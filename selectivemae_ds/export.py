@@ -70,12 +70,12 @@ def _load_universal(tag: Path) -> dict[str, torch.Tensor]:
 
 def load_fp32_state(tag: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint tag, whatever the ZeRO stage and rank count."""
+    # zero_to_fp32 unpickles with weights_only=False: the one check of every tag loader comes first.
+    checkpoint.check_pickles(tag)
     if (tag / "zero").is_dir():
         return _load_universal(tag)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # zero_to_fp32 unpickles with weights_only=False: refuse files that reference unknown globals first.
-    checkpoint.check_pickles(tag)
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
 
 

@@ -83,6 +83,8 @@ class Trainer:
         # Everything that can be checked without touching data or weights is checked here.
         target = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir, config_to_dict(cfg),
                                            self.world)
+        if target is not None and self.rank == 0:
+            checkpoint.warn_skipped(target)
         ds_config = merge_ds_config(ds_json, cfg, self.world, source=ds_source,
                                     load_universal=bool(target and target.universal))
         from selectivemae_ds.data.pipeline import InputPipeline
@@ -92,6 +94,8 @@ class Trainer:
                                       micro_batch=cfg.train.micro_batch, rank=self.rank, world_size=self.world,
                                       device=self.device)
         self.cfg = resolve_steps(cfg, self.pipeline.steps_per_epoch)
+        if target is not None:
+            checkpoint.check_steps(target, self.cfg.train.steps)
         self.infobatch = None
         if self.cfg.data.infobatch:
             from selectivemae_ds.data.infobatch import InfoBatch

@@ -16,15 +16,19 @@ import pytest
 import torch
 
 from selectivemae_ds import checkpoint
+from selectivemae_ds.errors import EXIT_CHECKPOINT, EXIT_CONFIG, CheckpointError, ConfigError, run_cli
 from tests.launch import BIN, DEMO, REPO, assert_same_weights, fp32_weights, logged, pretrain
 
 
 # ---------------------------------------------------------------- unit tests (no engine)
 
 def make_tag(root: Path, step: int, *, complete: bool, world_size: int = 2, config: dict | None = None) -> Path:
+    """A tag with the files a ZeRO-1/2 save of ``world_size`` ranks writes (tiny real torch files)."""
     tag = root / checkpoint.tag_for(step)
     tag.mkdir(parents=True)
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    torch.save({"module": {"w": torch.zeros(2)}}, tag / "mp_rank_00_model_states.pt")
+    for r in range(world_size):
+        torch.save({"optimizer_state_dict": {"step": step}}, tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
     state = {"step": step, "world_size": world_size, "config": config or {"model": {"size": "tiny"}}}
     (tag / checkpoint.CLIENT_STATE).write_text(json.dumps(state))
     if complete:
@@ -39,14 +43,14 @@ def test_interrupted_write_is_never_picked(tmp_path: Path) -> None:
     assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_00000002"
     target = checkpoint.resolve_resume("auto", tmp_path, {"model": {"size": "tiny"}}, world_size=2)
     assert target is not None and target.tag_dir.name == "step_00000002"
-    with pytest.raises(ValueError, match="step_00000004 is incomplete"):
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="step_00000004 is incomplete"):
         checkpoint.resolve_resume(str(tmp_path / "step_00000004"), tmp_path, {"model": {"size": "tiny"}}, 2)
     assert checkpoint.resolve_resume("auto", tmp_path / "none", {}, 2) is None
 
 
 def test_fresh_start_over_existing_checkpoints_is_refused(tmp_path: Path) -> None:
     make_tag(tmp_path, 2, complete=True)
-    with pytest.raises(ValueError, match="checkpoint.resume: .* already holds checkpoints \\(newest step_00000002\\); "
+    with pytest.raises(ConfigError, match="checkpoint.resume: .* already holds checkpoints \\(newest step_00000002\\); "
                                          "continue them with --resume auto"):
         checkpoint.resolve_resume("", tmp_path, {}, world_size=2)
 
@@ -58,6 +62,117 @@ def test_keep_last_k(tmp_path: Path) -> None:
     make_tag(tmp_path, 5, complete=False)  # may still be being written: newer than the newest complete
     checkpoint.prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004", "step_00000005"]
+
+
+def _damage(tag: Path, how: str) -> str:
+    """Damage a complete tag one way; return the text the refusal must contain."""
+    optim = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    model = tag / "mp_rank_00_model_states.pt"
+    if how == "missing optimizer shard":
+        optim.unlink()
+        return "missing *zero_pp_rank_1_mp_rank_00_optim_states.pt (rank 1's optimizer states) (saved by 2 ranks)"
+    if how == "missing model states":
+        model.unlink()
+        return "missing mp_rank_00_model_states.pt"
+    if how == "truncated model states":
+        model.write_bytes(model.read_bytes()[:-40])
+        return "mp_rank_00_model_states.pt: damaged torch zip checkpoint (PytorchStreamReader failed"
+    if how == "empty optimizer shard":
+        optim.write_bytes(b"")
+        return "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: empty file"
+    if how == "unreadable client state":
+        (tag / checkpoint.CLIENT_STATE).write_text('{"step": 4, "world_si')
+        return "client_state.json: unreadable client state (Unterminated string"
+    if how == "missing client state":
+        (tag / checkpoint.CLIENT_STATE).unlink()
+        return "client_state.json: missing (the tag has COMPLETE but no client state)"
+    raise AssertionError(how)
+
+
+DAMAGES = ["missing optimizer shard", "missing model states", "truncated model states", "empty optimizer shard",
+           "unreadable client state", "missing client state"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_auto_passes_over_a_damaged_complete_tag_and_a_named_one_is_refused(tmp_path: Path, how: str) -> None:
+    """The newest tag has COMPLETE but cannot be loaded: --resume auto takes the one before and
+    says why; --resume naming the damaged tag stops with a CheckpointError naming the file."""
+    make_tag(tmp_path, 2, complete=True)
+    newest = make_tag(tmp_path, 4, complete=True)
+    why = _damage(newest, how)
+    target = checkpoint.resolve_resume("auto", tmp_path, {"model": {"size": "tiny"}}, world_size=2)
+    assert target is not None and target.tag_dir.name == "step_00000002"
+    assert len(target.skipped) == 1 and why in target.skipped[0] and str(newest) in target.skipped[0]
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.resolve_resume(str(newest), tmp_path, {"model": {"size": "tiny"}}, world_size=2)
+    assert why in str(info.value)
+
+
+def test_auto_with_every_complete_tag_damaged_is_refused_not_a_fresh_start(tmp_path: Path) -> None:
+    for step in (2, 4):
+        (make_tag(tmp_path, step, complete=True) / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(checkpoint.DamagedCheckpointError,
+                       match=r"checkpoint.resume auto: none of the 2 complete checkpoints under .* can be loaded: "
+                             r".*step_00000004: missing mp_rank_00_model_states.pt.*; .*step_00000002: missing"):
+        checkpoint.resolve_resume("auto", tmp_path, {"model": {"size": "tiny"}}, world_size=2)
+
+
+def test_zero3_tags_need_every_ranks_model_states(tmp_path: Path) -> None:
+    tag = make_tag(tmp_path, 2, complete=True)
+    (tag / "mp_rank_00_model_states.pt").rename(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=r"missing zero_pp_rank_1_mp_rank_00_model_states.pt"):
+        checkpoint.validate_tag(tag)
+    torch.save({"module": {}}, tag / "zero_pp_rank_1_mp_rank_00_model_states.pt")
+    assert checkpoint.validate_tag(tag)["step"] == 2
+
+
+def test_steps_below_the_checkpoint_are_refused(tmp_path: Path) -> None:
+    target = checkpoint.resolve_resume("auto", make_tag(tmp_path, 4, complete=True).parent, {"model": {"size": "tiny"}},
+                                       world_size=2)
+    assert target is not None
+    checkpoint.check_steps(target, 4)  # nothing left to train is not an error
+    with pytest.raises(ConfigError, match=r"train.steps: 3 is below the step of the checkpoint .*step_00000004 \(4\); "
+                                          r"resume with train.steps >= 4"):
+        checkpoint.check_steps(target, 3)
+
+
+def test_prune_leaves_tags_newer_than_the_save_alone(tmp_path: Path) -> None:
+    """After --resume auto passed over a damaged step-4 tag, saving step 3 with keep=1 must delete
+    step 2, not the step 3 it just wrote (the damaged tag sorts newest)."""
+    for step in (2, 3, 4):
+        make_tag(tmp_path, step, complete=True)
+    removed = checkpoint.prune(tmp_path, keep=1, upto=checkpoint.tag_for(3))
+    assert [p.name for p in removed] == ["step_00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_to_universal_cli_refuses_before_converting(tmp_path: Path, capsys) -> None:
+    """``python -m selectivemae_ds.checkpoint`` goes through errors.run_cli: typed errors, exit codes, help."""
+    main = checkpoint.main
+    assert run_cli(main, ["to-universal", str(tmp_path / "nope")]) == EXIT_CHECKPOINT
+    assert f"checkpoint error: {tmp_path / 'nope'}: no such checkpoint directory" in capsys.readouterr().err
+    interrupted = make_tag(tmp_path / "a", 2, complete=False)
+    assert run_cli(main, ["to-universal", str(interrupted)]) == EXIT_CHECKPOINT
+    assert "is incomplete (no COMPLETE marker)" in capsys.readouterr().err
+    tag = make_tag(tmp_path / "b", 2, complete=True)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    assert run_cli(main, ["to-universal", str(tag), "--out", str(taken)]) == EXIT_CONFIG
+    assert f"config error: --out: {taken} exists and is not an earlier universal conversion" in capsys.readouterr().err
+    assert (taken / "notes.txt").read_text() == "keep me"
+    (tag / "zero").mkdir()
+    assert run_cli(main, ["to-universal", str(tag)]) == EXIT_CONFIG
+    assert "is already a universal checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["to-universal", str(tag), "--workers", "0"])
+    assert info.value.code == 2 and "--workers: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["to-universal", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for text in ("a complete sharded tag, e.g.", "output directory (default: TAG_DIR_universal",
+                 "processes ds_to_universal uses", "show this help message"):
+        assert text in help_text
 
 
 def test_incompatible_config_is_refused_naming_the_key(tmp_path: Path) -> None:
@@ -76,7 +191,7 @@ def test_incompatible_config_is_refused_naming_the_key(tmp_path: Path) -> None:
 
 def test_other_world_size_needs_universal_conversion(tmp_path: Path) -> None:
     make_tag(tmp_path, 2, complete=True, world_size=2)
-    with pytest.raises(ValueError, match="saved by 2 ranks and this run has 1; convert it first: "
+    with pytest.raises(CheckpointError, match="saved by 2 ranks and this run has 1; convert it first: "
                                          "python -m selectivemae_ds.checkpoint to-universal"):
         checkpoint.resolve_resume("auto", tmp_path, {"model": {"size": "tiny"}}, world_size=1)
 
@@ -86,7 +201,8 @@ def test_other_world_size_needs_universal_conversion(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ds_json, resume", [("zero2.json", "path"), ("zero3.json", "auto")])
 def test_resume_equals_straight_run(tmp_path: Path, launch_dataset: Path, straight_run, ds_json: str, resume: str) -> None:
     """ZeRO-2 resumes from a named tag; ZeRO-3 with --resume auto from a run_dir whose
-    newest tag is an interrupted write (its shards are there, COMPLETE is not)."""
+    newest tag is complete but lost rank 1's optimizer shard (passed over with a warning) and
+    whose next one is an interrupted write (its shards are there, COMPLETE is not)."""
     straight, resumed = straight_run(ds_json), tmp_path / "resumed"
     mid = straight / "checkpoints" / "step_00000002"
     assert checkpoint.is_complete(mid)
@@ -96,8 +212,12 @@ def test_resume_equals_straight_run(tmp_path: Path, launch_dataset: Path, straig
         shutil.copytree(mid, ckpts / mid.name)
         interrupted = shutil.copytree(straight / "checkpoints" / "step_00000004", ckpts / "step_00000003")
         (interrupted / checkpoint.COMPLETE).unlink()
+        damaged = Path(shutil.copytree(straight / "checkpoints" / "step_00000004", ckpts / "step_00000004"))
+        next(damaged.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt")).unlink()
         r = pretrain(resumed, launch_dataset, ds_json, "--resume", "auto")
         assert f"from={ckpts / mid.name}" in r.stdout
+        assert (f"[resume] warning: passed over a damaged checkpoint: {damaged}: missing "
+                "*zero_pp_rank_1_mp_rank_00_optim_states.pt (rank 1's optimizer states)") in r.stderr
     else:
         r = pretrain(resumed, launch_dataset, ds_json, "--resume", str(mid))
     assert "[resume] step=2" in r.stdout
