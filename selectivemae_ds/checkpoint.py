@@ -44,14 +44,13 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
+from selectivemae_ds.config import fixed_on_resume
+from selectivemae_ds.errors import ConfigError
+
 COMPLETE = "COMPLETE"
 CLIENT_STATE = "client_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
-# Test-only fault hook: seconds every rank sleeps after its shards are written and before
-# the COMPLETE marker, so a reliability test can kill a rank inside the write window.
-# Unset (the default) in any real run.
-DELAY_ENV = "SMAE_TEST_CHECKPOINT_DELAY_S"
 # The only non-tensor classes DeepSpeed's checkpoints reference (beyond what torch's
 # weights_only unpickler allows): plain data holders, safe to construct.
 ALLOWED_GLOBALS = frozenset({
@@ -64,13 +63,10 @@ ALLOWED_GLOBALS = frozenset({
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file references a Python global outside the allowlist (it could run code when loaded)."""
 
-# Resolved-config keys that must match to resume: they fix the parameter shapes, the
-# data order or the meaning of a step. Everything else (logging, lr, paths) may change.
-COMPAT_KEYS = (
-    "model.method", "model.size", "model.img_size", "model.patch_size", "model.decoder_depth",
-    "model.decoder_dim", "model.decoder_heads", "model.decoder_self_attn", "data.img_size",
-    "train.global_batch", "train.seed",
-)
+# Resolved-config keys that must match to resume: the fields marked {"resume": "fixed"} in
+# the config dataclasses (parameter shapes, sample stream, meaning of a step). Everything
+# else (logging, lr, paths, run length) may change.
+COMPAT_KEYS = fixed_on_resume()
 
 
 def tag_for(step: int) -> str:
@@ -119,11 +115,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(saved_config: dict[str, Any], current_config: dict[str, Any], tag: str | Path) -> None:
-    """ValueError naming the first key in COMPAT_KEYS whose value differs from the checkpoint's."""
+    """ConfigError naming the first key in COMPAT_KEYS whose value differs from the checkpoint's."""
     saved, current = _flat(saved_config), _flat(current_config)
     for key in COMPAT_KEYS:
         if saved.get(key) != current.get(key):
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: the checkpoint {tag} was trained with {saved.get(key)!r}, this config has "
                 f"{current.get(key)!r}; resume with the same value or start a new run_dir"
             )
@@ -183,10 +179,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int,
+         delay_s: float = 0.0) -> Path:
     """Save a sharded checkpoint on every rank; rank 0 marks it complete after all ranks finished, then prunes.
 
-    Must be called by every rank (DeepSpeed gathers and writes collectively).
+    Must be called by every rank (DeepSpeed gathers and writes collectively). ``delay_s``
+    (``debug.checkpoint_delay_s``, tests only) holds every rank between its shard write and
+    the marker.
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -204,9 +203,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=ds_client_state)
     if rank == 0:
         _atomic_write(tag_dir / CLIENT_STATE, json.dumps(client_state, indent=1))
-    delay = float(os.environ.get(DELAY_ENV, "0"))
-    if delay > 0:
-        time.sleep(delay)
+    if delay_s > 0:
+        time.sleep(delay_s)
     # Every rank's shard is on disk before the marker exists.
     dist.barrier()
     if rank == 0:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from selectivemae_ds import checkpoint
+from selectivemae_ds.config import load_resolved
 from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, timm_model_name
 
 
@@ -73,10 +74,8 @@ def load_fp32_state(tag: Path) -> dict[str, torch.Tensor]:
 
 
 def _configs(client_state: dict[str, Any]) -> tuple[ModelConfig, MaskingConfig]:
-    config = client_state.get("config")
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError("checkpoint has no resolved config in its client state")
-    return ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {}))
+    cfg = load_resolved(client_state.get("config"))
+    return cfg.model, cfg.masking
 
 
 def check_against_timm(encoder_state: dict[str, torch.Tensor], name: str, img_size: int) -> None:

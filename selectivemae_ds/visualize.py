@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from selectivemae_ds import checkpoint
     from selectivemae_ds.evaluate import load_images
     from selectivemae_ds.export import load_fp32_state, resolve_tag
-    from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
+    from selectivemae_ds.config import load_resolved
+    from selectivemae_ds.models import build_model
 
     ap = argparse.ArgumentParser(prog="smae-visualize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tag = resolve_tag(args.src)
         client = checkpoint.read_client_state(tag)
-        config = client["config"]
-        model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {})))
+        config = load_resolved(client["config"])
+        model = build_model(config.model, config.masking)
         model.load_state_dict(load_fp32_state(tag), strict=True)
         missing = [p for p in args.images if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"no such image(s): {', '.join(missing)}")
         progress = args.progress
         if progress is None:
-            progress = client["step"] / max(int(config["train"]["steps"]), 1)
+            progress = client["step"] / max(config.train.steps, 1)
         if not 0.0 <= progress <= 1.0:
             raise ValueError(f"--progress must be in [0, 1], got {progress}")
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import io
+import json
 import logging
 import os
 import signal
@@ -56,6 +58,7 @@ import torch.nn.functional as F
 from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.shards import RecordCorruptError, ShardedDataset
+from selectivemae_ds.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +144,11 @@ def _die_with_parent(parent_pid: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a DALI worker")
     if os.getppid() != parent_pid:  # the rank died before the signal was armed
         os._exit(1)
+    # SIGTERM/SIGINT are the rank's to handle: it finishes its step (which may need these
+    # workers' samples), checkpoints and exits, and the workers die with it. DeepSpeed's
+    # launcher sends TERM to the whole process tree, and Ctrl-C reaches the whole group.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _SampleSource:
@@ -304,9 +312,6 @@ class InputPipeline:
         self._bias = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
         self._dataset = ShardedDataset(cfg.path)
         self._n = len(self._dataset)
-        if self._n < global_batch:
-            raise ValueError(f"data.path: dataset of {self._n} records is smaller than one global batch "
-                             f"of {global_batch}")
         self._steps_per_epoch = order.steps_per_epoch(self._n, global_batch)
         self._batches_done = 0  # absolute global batches completed (all epochs)
         self._micro = 0  # micro-batches of the current global batch already yielded
@@ -456,16 +461,32 @@ class InputPipeline:
             raise ValueError(f"state_dict() in the middle of a global batch ({self._micro}/{self.accum} "
                              "micro-batches yielded); save after the optimizer step")
         return {"seed": self.seed, "global_batch": self.global_batch, "dataset_len": self._n,
-                "samples_seen": self.samples_seen, "substituted": self.substituted}
+                "dataset_fingerprint": self.dataset_fingerprint, "samples_seen": self.samples_seen,
+                "substituted": self.substituted}
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        """sha256 over the manifest's shard list (names, counts, index digests): two datasets
+        with the same records in the same order, and only those, share it."""
+        shards = [(s["name"], s["count"], s["index_sha256"]) for s in self._dataset.manifest["shards"]]
+        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after ``state["samples_seen"]``; the world size may differ from the saving run's."""
+        """Continue after ``state["samples_seen"]``; the world size may differ from the saving run's.
+
+        The dataset must be the one the state was saved with (same manifest fingerprint, not
+        only the same length), and the seed and global batch the same: else the sample order
+        would differ. ConfigError names the key that differs.
+        """
         if self._micro:
             raise ValueError("load_state_dict() in the middle of a global batch; load before iterating")
-        for key, mine in (("global_batch", self.global_batch), ("dataset_len", self._n), ("seed", self.seed)):
+        for key, mine in (("global_batch", self.global_batch), ("dataset_len", self._n), ("seed", self.seed),
+                          ("dataset_fingerprint", self.dataset_fingerprint)):
             if state.get(key) != mine:
-                raise ValueError(f"cannot resume the input pipeline: {key} was {state.get(key)!r} in the "
-                                 f"checkpoint and is {mine!r} now; the sample order would differ")
+                what = " (data.path holds other records than the checkpoint's dataset)" \
+                    if key == "dataset_fingerprint" else ""
+                raise ConfigError(f"cannot resume the input pipeline: {key} was {state.get(key)!r} in the "
+                                  f"checkpoint and is {mine!r} now{what}; the sample order would differ")
         epoch, g = order.position(int(state["samples_seen"]), self._n, self.global_batch)
         self.close()
         self._batches_done = epoch * self._steps_per_epoch + g
