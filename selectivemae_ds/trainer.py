@@ -65,7 +65,7 @@ def collective(what: str, rank: int, step: int, timeout_s: float) -> Iterator[No
             raise
         raise RunError(
             f"rank {rank}: {what} at step {step} timed out after train.collective_timeout_s = {timeout_s:g} s "
-            f"waiting for the other ranks (one is hung, stopped or dead; its own log says which); "
+            f"waiting for the other ranks (one of them is hung, stopped or dead); "
             f"backend: {e}"
         ) from e
 
@@ -156,7 +156,13 @@ def setup_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
         # smae-pretrain without a launcher: a single-rank world on this machine.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed makes its own groups (ZeRO clones the world group with new_group() and no
+    # timeout), and torch gives such groups its module default (30 min), not the world
+    # group's timeout. Setting that default before any group exists bounds them all.
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accel = get_accelerator()
     if accel.device_name() == "cuda":
