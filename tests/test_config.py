@@ -242,3 +242,13 @@ def test_cli_names_a_missing_config_file(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().endswith(f"config error: {tmp_path / 'nope.toml'}: no such config file")
+
+
+def test_export_rebuilds_the_config_through_load_resolved(tmp_path: Path, data_dir: Path) -> None:
+    from selectivemae_ds import export
+
+    saved = config_to_dict(demo(data_dir, f"run_dir={tmp_path / 'run'}"))
+    model, masking = export._configs({"config": saved})
+    assert (model.size, model.img_size, masking.mask_ratio) == ("tiny", 64, 0.85)
+    with pytest.raises(ConfigError, match=r"model.depth: unknown key"):
+        export._configs({"config": {**saved, "model": {**saved["model"], "depth": 3}}})
