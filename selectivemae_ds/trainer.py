@@ -49,9 +49,11 @@ class NonFiniteError(RunError):
     """Training produced too many consecutive non-finite steps, even after a rollback."""
 
 
-# What gloo (``Timed out waiting 5000ms for recv``, ``Application timeout caused pair closure``)
-# and NCCL (``Watchdog caught collective operation timeout``) say when a collective times out.
-_TIMEOUT_RE = re.compile(r"timed out|timeout", re.IGNORECASE)
+# What gloo (``Timed out waiting 5000ms for recv operation to complete``, ``Application timeout
+# caused pair closure``) and NCCL (``Watchdog caught collective operation timeout``) say when a
+# collective times out; nothing else is relabelled.
+_TIMEOUT_RE = re.compile(r"Timed out waiting \d+ms for (recv|send)|Application timeout caused pair closure|"
+                         r"collective operation timeout")
 
 
 @contextlib.contextmanager
@@ -86,9 +88,13 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum = 0
         self.reason = ""
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         self._watch = _launcher_watch()
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (the run is over)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.signum:  # the first request names the exit code; repeats change nothing
@@ -472,6 +478,7 @@ class Trainer:
             self.metrics.close()
         if self.lock is not None:
             self.lock.release()
+        self.stop.restore()
         if self.metrics is not None and self.finished:
             newest = checkpoint.newest_complete(self.cfg.checkpoint_dir)
             print(f"[done] checkpoint: {newest}\n[done] tensorboard: {self.metrics.tb_dir} "

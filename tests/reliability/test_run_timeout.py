@@ -64,3 +64,31 @@ def test_stopped_rank_makes_the_other_fail_within_the_timeout(tmp_path: Path, la
     assert re.search(rf"run error: rank 0: the step's [^\n]* at step \d+ timed out after "
                      rf"train.collective_timeout_s = {TIMEOUT_S} s waiting for the other ranks", text), text[-3000:]
     assert "exits with return code = 5" in text
+
+
+def test_only_a_backend_timeout_becomes_a_run_error() -> None:
+    from selectivemae_ds.errors import RunError
+    from selectivemae_ds.trainer import collective
+
+    gloo = "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"
+    with pytest.raises(RunError) as e:
+        with collective("the step's all_reduce", 1, 7, 5.0):
+            raise RuntimeError(gloo)
+    assert str(e.value).startswith("rank 1: the step's all_reduce at step 7 timed out after "
+                                   "train.collective_timeout_s = 5 s waiting for the other ranks")
+    with pytest.raises(RuntimeError, match="^DALI timed out$"):  # not a collective: unchanged
+        with collective("the step's all_reduce", 1, 7, 5.0):
+            raise RuntimeError("DALI timed out")
+
+
+def test_a_signal_becomes_a_stop_request_and_handlers_are_restored() -> None:
+    from selectivemae_ds.trainer import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest()
+    assert stop.poll() == 0
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)  # a second request does not change the first
+    assert stop.poll() == signal.SIGTERM and stop.reason == "SIGTERM"
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
