@@ -28,7 +28,7 @@ import pytest
 
 from selectivemae_ds import checkpoint
 from tests.launch import REPO, assert_same_weights, fp32_weights, pretrain
-from tests.reliability.faults import logged_steps, pretrain_cmd, rank_pid, records
+from tests.reliability.faults import logged_steps, pretrain_cmd, records
 
 DS_JSON = "zero2.json"
 TARGET = 4
@@ -48,16 +48,31 @@ def _signal_after_step_1(run: Path, data: Path, send: Callable[[subprocess.Popen
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         send(proc)
-        while rank_pid(run, 0) or rank_pid(run, 1):
-            assert time.monotonic() < deadline + 120, "the ranks did not stop"
+        proc.wait(timeout=60)
+        # launch.py outlives the deepspeed command: wait for the whole process group
+        # (launch.py, ranks, their input workers) to end on its own.
+        while _group_alive(proc.pid):
+            assert time.monotonic() < deadline + 120, "the ranks or their launcher did not stop"
             time.sleep(0.2)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return log.read_text()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies awaiting their reaper do not count)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            state, _ppid, pgrp = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 def _stop_event(run: Path) -> dict:
