@@ -43,7 +43,7 @@ def _signal_after_step_1(run: Path, data: Path, send: Callable[[subprocess.Popen
         proc = subprocess.Popen(pretrain_cmd(run, data, DS_JSON, "--set", "checkpoint.every_steps=4", *extra),
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900  # the start of 2 ranks takes 2 min on 2 idle cores, much more when shared
         while 1 not in logged_steps(run):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
@@ -82,6 +82,7 @@ def _stop_event(run: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # up to three 2-rank launches
 def test_sigterm_to_the_launcher_stops_checkpoints_and_resumes_exactly(tmp_path: Path, launch_dataset: Path,
                                                                        straight_run) -> None:
     straight = straight_run(DS_JSON)
@@ -107,6 +108,7 @@ def test_sigterm_to_the_launcher_stops_checkpoints_and_resumes_exactly(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # up to three 2-rank launches
 def test_ctrl_c_stops_every_rank_without_a_preemption_checkpoint(tmp_path: Path, launch_dataset: Path) -> None:
     run = tmp_path / "run"
     out = _signal_after_step_1(run, launch_dataset, lambda p: os.killpg(p.pid, signal.SIGINT),
