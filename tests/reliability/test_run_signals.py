@@ -108,7 +108,7 @@ def test_sigterm_to_the_launcher_stops_checkpoints_and_resumes_exactly(tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # up to three 2-rank launches
+@pytest.mark.timeout(1200)  # one 2-rank launch
 def test_ctrl_c_stops_every_rank_without_a_preemption_checkpoint(tmp_path: Path, launch_dataset: Path) -> None:
     run = tmp_path / "run"
     out = _signal_after_step_1(run, launch_dataset, lambda p: os.killpg(p.pid, signal.SIGINT),
