@@ -51,6 +51,7 @@ from deepspeed.checkpoint.constants import (
 )
 
 from selectivemae_ds.atomic import atomic_write_bytes, atomic_write_text
+from selectivemae_ds.config import fixed_on_resume
 from selectivemae_ds.errors import CheckpointError, ConfigError, run_cli
 
 COMPLETE = "COMPLETE"
@@ -59,10 +60,6 @@ CLIENT_STATE = "client_state.json"
 RANK_STATE_DIR = "rank_state"
 UNIVERSAL_SUFFIX = "_universal"
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
-# Test-only fault hook: seconds every rank sleeps after its shards are written and before
-# the COMPLETE marker, so a reliability test can kill a rank inside the write window.
-# Unset (the default) in any real run.
-DELAY_ENV = "SMAE_TEST_CHECKPOINT_DELAY_S"
 # The only non-tensor classes DeepSpeed's checkpoints reference (beyond what torch's
 # weights_only unpickler allows): plain data holders, safe to construct.
 ALLOWED_GLOBALS = frozenset({
@@ -88,13 +85,10 @@ class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed for lack of space (ENOSPC/EDQUOT); earlier tags are untouched."""
 
 
-# Resolved-config keys that must match to resume: they fix the parameter shapes, the
-# data order or the meaning of a step. Everything else (logging, lr, paths) may change.
-COMPAT_KEYS = (
-    "model.method", "model.size", "model.img_size", "model.patch_size", "model.decoder_depth",
-    "model.decoder_dim", "model.decoder_heads", "model.decoder_self_attn", "data.img_size",
-    "train.global_batch", "train.seed",
-)
+# Resolved-config keys that must match to resume: the fields marked {"resume": "fixed"} in
+# the config dataclasses (parameter shapes, sample stream, meaning of a step). Everything
+# else (logging, lr, paths, run length) may change.
+COMPAT_KEYS = fixed_on_resume()
 
 
 def tag_for(step: int) -> str:
@@ -166,11 +160,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(saved_config: dict[str, Any], current_config: dict[str, Any], tag: str | Path) -> None:
-    """ValueError naming the first key in COMPAT_KEYS whose value differs from the checkpoint's."""
+    """ConfigError naming the first key in COMPAT_KEYS whose value differs from the checkpoint's."""
     saved, current = _flat(saved_config), _flat(current_config)
     for key in COMPAT_KEYS:
         if saved.get(key) != current.get(key):
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: the checkpoint {tag} was trained with {saved.get(key)!r}, this config has "
                 f"{current.get(key)!r}; resume with the same value or start a new run_dir"
             )
@@ -341,7 +335,7 @@ def _write_guard(tag_dir: Path, step: int) -> Iterator[None]:
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int,
-         rank_files: dict[str, bytes] | None = None) -> Path:
+         rank_files: dict[str, bytes] | None = None, delay_s: float = 0.0) -> Path:
     """Save a sharded checkpoint on every rank; rank 0 marks it complete after all ranks finished, then prunes.
 
     Must be called by every rank (DeepSpeed gathers and writes collectively). ``rank_files``
@@ -350,6 +344,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
     the COMPLETE marker and copied by :func:`to_universal`.
     A full disk raises :class:`CheckpointWriteError` naming ENOSPC and the directory, before any
     ``COMPLETE`` marker or pruning.
+    ``delay_s`` (``debug.checkpoint_delay_s``, tests only) holds every rank between its shard
+    write and the marker.
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -371,9 +367,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
         for name, data in (rank_files or {}).items():
             (tag_dir / RANK_STATE_DIR).mkdir(exist_ok=True)
             atomic_write_bytes(tag_dir / RANK_STATE_DIR / name, data)
-    delay = float(os.environ.get(DELAY_ENV, "0"))
-    if delay > 0:
-        time.sleep(delay)
+    if delay_s > 0:
+        time.sleep(delay_s)
     # Every rank's shard is on disk before the marker exists.
     dist.barrier()
     if rank == 0:

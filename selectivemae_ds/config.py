@@ -9,6 +9,7 @@ Sections of the TOML map to dataclasses::
     [optim]      OptimConfig      (this module)
     [train]      TrainLoopConfig  (this module)
     [checkpoint] CheckpointConfig (this module)
+    [debug]      DebugConfig      (this module; test-only fault injection, off by default)
 
 Unknown keys are rejected naming the key; values are coerced to the dataclass field
 types (``--set train.steps=10`` gives an int); every section is validated before any
@@ -33,10 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selectivemae_ds.atomic import atomic_write_text
+from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
+from selectivemae_ds.errors import ConfigError
 from selectivemae_ds.models.config import MaskingConfig, ModelConfig
 
 RESOLVED_NAME = "config.toml"
+# Largest train.seed: TOML integers are signed 64-bit, and SeedSequence takes any value >= 0.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -68,27 +74,27 @@ class OptimConfig:
     """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping."""
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending ``optim.*`` key."""
+        """Raise ConfigError naming the offending ``optim.*`` key."""
         if not self.blr > 0.0:
-            raise ValueError(f"optim.blr: must be > 0, got {self.blr}")
+            raise ConfigError(f"optim.blr: must be > 0, got {self.blr}")
         if self.lr < 0.0:
-            raise ValueError(f"optim.lr: must be >= 0 (0 = use the blr rule), got {self.lr}")
+            raise ConfigError(f"optim.lr: must be >= 0 (0 = use the blr rule), got {self.lr}")
         if self.min_lr < 0.0:
-            raise ValueError(f"optim.min_lr: must be >= 0, got {self.min_lr}")
+            raise ConfigError(f"optim.min_lr: must be >= 0, got {self.min_lr}")
         if self.warmup_steps < -1:
-            raise ValueError(f"optim.warmup_steps: must be >= 0 or -1 (use warmup_epochs), got {self.warmup_steps}")
+            raise ConfigError(f"optim.warmup_steps: must be >= 0 or -1 (use warmup_epochs), got {self.warmup_steps}")
         if self.warmup_epochs < 0.0:
-            raise ValueError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+            raise ConfigError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
         for key in ("beta1", "beta2"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"optim.{key}: must be in [0, 1), got {value}")
+                raise ConfigError(f"optim.{key}: must be in [0, 1), got {value}")
         if not self.eps > 0.0:
-            raise ValueError(f"optim.eps: must be > 0, got {self.eps}")
+            raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
         if self.weight_decay < 0.0:
-            raise ValueError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.grad_clip < 0.0:
-            raise ValueError(f"optim.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
+            raise ConfigError(f"optim.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
 
 
 @dataclass
@@ -99,11 +105,11 @@ class TrainLoopConfig:
     """Total optimizer steps; 0 means use ``epochs``."""
     epochs: float = 0.0
     """Total epochs (paper: 800), converted once to steps from the dataset size."""
-    global_batch: int = 1024
+    global_batch: int = field(default=1024, metadata={"resume": "fixed"})
     """Images per optimizer step over all ranks (paper: 1024)."""
     micro_batch: int = 64
     """Images per forward/backward on one rank; the rest is gradient accumulation."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"resume": "fixed"})
     """Seed of the data order and of the per-step model randomness."""
     log_every: int = 10
     """Optimizer steps between log lines (console, JSONL, TensorBoard)."""
@@ -115,54 +121,50 @@ class TrainLoopConfig:
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one accelerator for MFU; 0 = look it up from the device
     name (A100/H100/H200), MFU is reported as null when unknown (e.g. CPU)."""
-    nonfinite_at: list[int] = field(default_factory=list)
-    """Fault injection for tests and drills (off by default): 0-based optimizer steps whose
-    loss is multiplied by ``nonfinite_value``."""
-    nonfinite_grad_at: list[int] = field(default_factory=list)
-    """Fault injection for tests and drills (off by default): 0-based optimizer steps where
-    one parameter's gradient (the first trainable one) is replaced by ``nonfinite_value``
-    during backward while the loss stays finite."""
-    nonfinite_value: str = "nan"
-    """Fault injection: the value ``nonfinite_at`` and ``nonfinite_grad_at`` inject, "nan" or "inf"."""
+    checkpoint_on_preempt: bool = True
+    """On SIGTERM/SIGINT, write a checkpoint after the step the ranks agree to stop at
+    (when that step has none yet), then exit 128 + the signal number."""
+    collective_timeout_s: float = 300.0
+    """Seconds a rank waits in a collective (all_reduce, barrier) for its peers before the
+    run stops with a run error naming the rank and the collective; the backend's own
+    default (30 minutes) is far too long for a hung or stopped peer."""
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending ``train.*`` key."""
+        """Raise ConfigError naming the offending ``train.*`` key."""
         if self.steps < 0:
-            raise ValueError(f"train.steps: must be >= 0, got {self.steps}")
+            raise ConfigError(f"train.steps: must be >= 0, got {self.steps}")
         if self.epochs < 0.0:
-            raise ValueError(f"train.epochs: must be >= 0, got {self.epochs}")
+            raise ConfigError(f"train.epochs: must be >= 0, got {self.epochs}")
         if self.steps == 0 and self.epochs == 0.0:
-            raise ValueError("train.steps: set train.steps or train.epochs (both are 0)")
+            raise ConfigError("train.steps: set train.steps or train.epochs (both are 0)")
         if self.steps > 0 and self.epochs > 0.0:
-            raise ValueError(f"train.steps: set train.steps ({self.steps}) or train.epochs ({self.epochs}), not both")
+            raise ConfigError(f"train.steps: set train.steps ({self.steps}) or train.epochs ({self.epochs}), not both")
         if self.global_batch < 1:
-            raise ValueError(f"train.global_batch: must be >= 1, got {self.global_batch}")
+            raise ConfigError(f"train.global_batch: must be >= 1, got {self.global_batch}")
         if self.micro_batch < 1:
-            raise ValueError(f"train.micro_batch: must be >= 1, got {self.micro_batch}")
+            raise ConfigError(f"train.micro_batch: must be >= 1, got {self.micro_batch}")
         if self.global_batch % self.micro_batch != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch: {self.global_batch} is not a multiple of train.micro_batch ({self.micro_batch})"
             )
         if self.log_every < 1:
-            raise ValueError(f"train.log_every: must be >= 1, got {self.log_every}")
+            raise ConfigError(f"train.log_every: must be >= 1, got {self.log_every}")
         if self.picture_every < 0:
-            raise ValueError(f"train.picture_every: must be >= 0 (0 disables), got {self.picture_every}")
+            raise ConfigError(f"train.picture_every: must be >= 0 (0 disables), got {self.picture_every}")
         if self.max_nonfinite < 1:
-            raise ValueError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
+            raise ConfigError(f"train.max_nonfinite: must be >= 1, got {self.max_nonfinite}")
         if self.peak_tflops < 0.0:
-            raise ValueError(f"train.peak_tflops: must be >= 0, got {self.peak_tflops}")
-        for key in ("nonfinite_at", "nonfinite_grad_at"):
-            steps = getattr(self, key)
-            if any(s < 0 for s in steps):
-                raise ValueError(f"train.{key}: fault-injection steps are 0-based optimizer steps >= 0, got {steps}")
-        if self.nonfinite_value not in ("nan", "inf"):
-            raise ValueError(f'train.nonfinite_value: must be "nan" or "inf", got {self.nonfinite_value!r}')
+            raise ConfigError(f"train.peak_tflops: must be >= 0, got {self.peak_tflops}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed: must be an integer in [0, 2**63 - 1], got {self.seed}")
+        if not self.collective_timeout_s > 0.0:
+            raise ConfigError(f"train.collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
 
     def check_world_size(self, world_size: int) -> int:
-        """Gradient-accumulation steps for ``world_size`` ranks; ValueError if the batch does not split."""
+        """Gradient-accumulation steps for ``world_size`` ranks; ConfigError if the batch does not split."""
         per_step = world_size * self.micro_batch
         if self.global_batch % per_step != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch: {self.global_batch} is not a multiple of "
                 f"train.micro_batch ({self.micro_batch}) x {world_size} ranks"
             )
@@ -181,14 +183,59 @@ class CheckpointConfig:
     """"" = fresh start, "auto" = newest complete checkpoint of this run_dir (fresh if none),
     or a path to a checkpoint tag directory (also a universal one, see docs/training.md)."""
 
-    def validate(self) -> None:
-        """Raise ValueError naming the offending ``checkpoint.*`` key."""
+    def validate(self, check_path: bool = True) -> None:
+        """Raise ConfigError naming the offending ``checkpoint.*`` key (``check_path``: that a
+        resume path exists)."""
         if self.every_steps < 0:
-            raise ValueError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
+            raise ConfigError(f"checkpoint.every_steps: must be >= 0, got {self.every_steps}")
         if self.keep < 1:
-            raise ValueError(f"checkpoint.keep: must be >= 1, got {self.keep}")
-        if self.resume not in ("", "auto") and not Path(self.resume).is_dir():
-            raise ValueError(f"checkpoint.resume: {self.resume} is neither \"auto\" nor a checkpoint directory")
+            raise ConfigError(f"checkpoint.keep: must be >= 1, got {self.keep}")
+        if check_path and self.resume not in ("", "auto") and not Path(self.resume).is_dir():
+            raise ConfigError(f"checkpoint.resume: {self.resume} is neither \"auto\" nor a checkpoint directory")
+
+
+@dataclass
+class DebugConfig:
+    """The ``[debug]`` section: fault injection for tests and drills only, off by default.
+
+    Never set in a real run: these keys make training fail on purpose."""
+
+    nonfinite_at: list[int] = field(default_factory=list)
+    """0-based optimizer steps whose loss is multiplied by ``nonfinite_value``."""
+    nonfinite_grad_at: list[int] = field(default_factory=list)
+    """0-based optimizer steps where one parameter's gradient (the first trainable one) is
+    replaced by ``nonfinite_value`` during backward while the loss stays finite."""
+    nonfinite_value: str = "nan"
+    """The value ``nonfinite_at`` and ``nonfinite_grad_at`` inject, "nan" or "inf"."""
+    checkpoint_delay_s: float = 0.0
+    """Seconds every rank sleeps between writing its checkpoint shards and the COMPLETE
+    marker, so a test can kill a rank inside the write window."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the offending ``debug.*`` key."""
+        for key in ("nonfinite_at", "nonfinite_grad_at"):
+            steps = getattr(self, key)
+            if any(s < 0 for s in steps):
+                raise ConfigError(f"debug.{key}: fault-injection steps are 0-based optimizer steps >= 0, got {steps}")
+        if self.nonfinite_value not in ("nan", "inf"):
+            raise ConfigError(f'debug.nonfinite_value: must be "nan" or "inf", got {self.nonfinite_value!r}')
+        if self.checkpoint_delay_s < 0.0:
+            raise ConfigError(f"debug.checkpoint_delay_s: must be >= 0, got {self.checkpoint_delay_s}")
+
+
+# Keys that left their section: where they went (checked by build_config).
+MOVED_KEYS = {
+    "train.nonfinite_at": "debug.nonfinite_at",
+    "train.nonfinite_grad_at": "debug.nonfinite_grad_at",
+    "train.nonfinite_value": "debug.nonfinite_value",
+}
+
+
+def check_moved(key: str) -> None:
+    """ConfigError for a key that moved to another section, saying where to."""
+    if key in MOVED_KEYS:
+        raise ConfigError(f"{key}: moved to {MOVED_KEYS[key]} (test-only fault injection lives in the "
+                          "[debug] section, see docs/training.md)")
 
 
 @dataclass
@@ -203,22 +250,27 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
-    def validate(self) -> None:
-        """Validate every section and the cross-section rules; ValueError names the key."""
+    def validate(self, check_paths: bool = True) -> None:
+        """Validate every section and the cross-section rules; ConfigError names the key.
+
+        ``check_paths=False`` skips the existence checks of ``data.path`` and
+        ``checkpoint.resume`` (a resolved config read where those paths need not exist)."""
         if not self.run_dir:
-            raise ValueError("run_dir: no output directory given")
+            raise ConfigError("run_dir: no output directory given")
         self.model.validate()
         self.masking.validate(self.model.method, self.model.num_patches())
-        self.data.validate()
+        self.data.validate(check_path=check_paths)
         if self.data.img_size != self.model.img_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.img_size: {self.data.img_size} differs from model.img_size ({self.model.img_size}); "
                 "leave data.img_size unset to follow the model"
             )
         self.optim.validate()
         self.train.validate()
-        self.checkpoint.validate()
+        self.checkpoint.validate(check_path=check_paths)
+        self.debug.validate()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -233,11 +285,12 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainLoopConfig,
     "checkpoint": CheckpointConfig,
+    "debug": DebugConfig,
 }
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Convert a TOML value or a ``--set`` string to the field type ``hint``; ValueError names ``key``."""
+    """Convert a TOML value or a ``--set`` string to the field type ``hint``; ConfigError names ``key``."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -253,11 +306,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             else:
                 value = [v for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple:
             item_types = [args[0]] * len(value) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
             if len(item_types) != len(value):
-                raise ValueError(f"{key}: expected {len(item_types)} values, got {value!r}")
+                raise ConfigError(f"{key}: expected {len(item_types)} values, got {value!r}")
             return tuple(_coerce(key, v, t) for v, t in zip(value, item_types))
         return [_coerce(key, v, args[0] if args else str) for v in value]
     if hint is bool:
@@ -265,7 +318,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint in (int, float):
         # int fields take ints (or their text); float fields also take ints. bool is an int
         # subclass in Python but never a number here.
@@ -277,13 +330,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             try:
                 return hint(value)
             except ValueError as e:
-                raise ValueError(f"{key}: expected {what}, got {value!r}") from e
-        raise ValueError(f"{key}: expected {what}, got {value!r}")
+                raise ConfigError(f"{key}: expected {what}, got {value!r}") from e
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
-    raise ValueError(f"{key}: unsupported field type {hint!r}")
+    raise ConfigError(f"{key}: unsupported field type {hint!r}")
 
 
 def _apply(obj: Any, prefix: str, values: dict[str, Any]) -> None:
@@ -292,21 +345,24 @@ def _apply(obj: Any, prefix: str, values: dict[str, Any]) -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        check_moved(key)
         if name not in names:
-            raise ValueError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
         setattr(obj, name, _coerce(key, value, hints[name]))
 
 
 def _parse_override(text: str) -> tuple[str, str]:
     """Split ``a.b=v`` into (``a.b``, ``v``)."""
     if "=" not in text:
-        raise ValueError(f"--set {text}: expected key=value, e.g. train.steps=100")
+        raise ConfigError(f"--set {text}: expected key=value, e.g. train.steps=100")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
 
 
-def build_config(table: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-    """Build and validate a TrainConfig from a parsed TOML table and ``--set`` overrides."""
+def build_config(table: dict[str, Any], overrides: list[str] | None = None, *,
+                 check_paths: bool = True) -> TrainConfig:
+    """Build and validate a TrainConfig from a parsed TOML table and ``--set`` overrides
+    (``check_paths``: see :meth:`TrainConfig.validate`)."""
     cfg = TrainConfig()
     user_keys: set[str] = set()
     for name, value in table.items():
@@ -314,11 +370,11 @@ def build_config(table: dict[str, Any], overrides: list[str] | None = None) -> T
             cfg.run_dir = _coerce("run_dir", value, str)
         elif name in SECTIONS:
             if not isinstance(value, dict):
-                raise ValueError(f"{name}: expected a [{name}] table, got {value!r}")
+                raise ConfigError(f"{name}: expected a [{name}] table, got {value!r}")
             _apply(getattr(cfg, name), f"{name}.", value)
             user_keys.update(f"{name}.{k}" for k in value)
         else:
-            raise ValueError(f"{name}: unknown key (known: run_dir, {', '.join(SECTIONS)})")
+            raise ConfigError(f"{name}: unknown key (known: run_dir, {', '.join(SECTIONS)})")
     for text in overrides or []:
         key, value = _parse_override(text)
         if key == "run_dir":
@@ -326,25 +382,70 @@ def build_config(table: dict[str, Any], overrides: list[str] | None = None) -> T
             continue
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
-            raise ValueError(f"{key}: unknown key (sections: run_dir, {', '.join(SECTIONS)})")
+            raise ConfigError(f"{key}: unknown key (sections: run_dir, {', '.join(SECTIONS)})")
         _apply(getattr(cfg, section), f"{section}.", {name: value})
         user_keys.add(key)
     if "data.img_size" not in user_keys:
         cfg.data.img_size = cfg.model.img_size
-    cfg.validate()
+    cfg.validate(check_paths=check_paths)
     return cfg
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read an experiment TOML (or none: all defaults), apply ``--set`` overrides, validate."""
-    table: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from e
+    table = read_toml(path) if path is not None else {}
     return build_config(table, overrides)
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed TOML file ``path``; ConfigError naming it when it is missing or not TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such config file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{path}: is a directory, not a TOML config file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+
+
+def load_resolved(source: dict[str, Any] | str | os.PathLike[str]) -> TrainConfig:
+    """A resolved config (a checkpoint's ``client_state["config"]`` or a ``config.toml`` path)
+    as a validated TrainConfig: the one way every reader (export, visualize) rebuilds it.
+
+    It goes through :func:`build_config`, so an unknown or moved key is a ConfigError naming
+    it. The paths it holds (``data.path``, ``checkpoint.resume``) need not exist: the reader
+    may run on another machine than the training did.
+    """
+    if isinstance(source, dict):
+        table, where = source, "the checkpoint's resolved config"
+    elif isinstance(source, (str, os.PathLike)):
+        table, where = read_toml(source), str(source)
+    else:
+        raise ConfigError(f"no resolved training config (got {type(source).__name__})")
+    if not isinstance(table.get("model"), dict):
+        raise ConfigError(f"{where}: not a resolved training config (no [model] section)")
+    return build_config(table, check_paths=False)
+
+
+def fixed_on_resume() -> tuple[str, ...]:
+    """Keys (``section.name``) a resume must keep: the fields whose dataclass metadata says
+    ``{"resume": "fixed"}`` (they fix the parameter shapes or the sample stream).
+
+    Derived from the config classes, so a new field is covered by marking it where it is
+    declared; every other key (logging, lr, paths, run length) may change on resume.
+    """
+    keys: list[str] = []
+    for name, section in SECTIONS.items():
+        for f in dataclasses.fields(section):
+            mark = f.metadata.get("resume")
+            if mark is None:
+                continue
+            if mark != "fixed":
+                raise TypeError(f'{name}.{f.name}: resume metadata must be "fixed", got {mark!r}')
+            keys.append(f"{name}.{f.name}")
+    return tuple(keys)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -352,12 +453,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def resolve_steps(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
-    """Return a copy with ``train.steps`` and ``optim.warmup_steps`` in steps (epochs converted once)."""
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"train.global_batch: {cfg.train.global_batch} is larger than the dataset; no full global batch per epoch"
-        )
+def resolve_steps(cfg: TrainConfig, dataset_len: int) -> TrainConfig:
+    """Return a copy with ``train.steps`` and ``optim.warmup_steps`` in steps (epochs converted
+    once) for a dataset of ``dataset_len`` records."""
+    steps_per_epoch = order.steps_per_epoch(dataset_len, cfg.train.global_batch)
     out = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train), optim=dataclasses.replace(cfg.optim)
     )
@@ -397,7 +496,4 @@ def write_resolved(cfg: TrainConfig, run_dir: str | os.PathLike[str]) -> Path:
     """Write the resolved config into ``run_dir/config.toml`` atomically and return its path."""
     path = Path(run_dir) / RESOLVED_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(to_toml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, to_toml(cfg))

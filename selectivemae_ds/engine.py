@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from selectivemae_ds.config import TrainConfig
+from selectivemae_ds.errors import ConfigError
 from selectivemae_ds.schedules import peak_lr
 
 # Keys the engine owns; a JSON may repeat them only with the same value.
@@ -56,12 +57,12 @@ def load_ds_json(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--deepspeed_config {path}: cannot read it as JSON ({e})") from e
+        raise ConfigError(f"--deepspeed_config {path}: cannot read it as JSON ({e})") from e
 
 
 def merge_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, *, source: str = "DeepSpeed JSON",
                     load_universal: bool = False) -> dict[str, Any]:
-    """Fill the TOML-owned keys into a copy of ``ds``; ValueError when the JSON contradicts the TOML.
+    """Fill the TOML-owned keys into a copy of ``ds``; ConfigError when the JSON contradicts the TOML.
 
     The skip of non-finite steps relies on the ZeRO optimizer's overflow check (it
     discards a step whose gradient norm is inf/NaN), so ZeRO stage >= 1 is required and
@@ -77,25 +78,25 @@ def merge_ds_config(ds: dict[str, Any], cfg: TrainConfig, world_size: int, *, so
     out = copy.deepcopy(ds)
     for key, owner in REFUSED_KEYS.items():
         if key in out:
-            raise ValueError(f"{source}: remove \"{key}\"; it contradicts the TOML, which sets {owner}")
+            raise ConfigError(f"{source}: remove \"{key}\"; it contradicts the TOML, which sets {owner}")
     for key in FILLED_KEYS:
         value, owner = wanted[key]
         if key in out and out[key] != "auto" and out[key] != value:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: \"{key}\": {out[key]!r} contradicts {owner} = {value!r} from the TOML; "
                 f"remove \"{key}\" from the JSON (the engine fills it)"
             )
         out[key] = value
     stage = int(out.get("zero_optimization", {}).get("stage", 0))
     if stage < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: \"zero_optimization.stage\" is {stage}; use 1, 2 or 3 (the non-finite step skip "
             "and the sharded checkpoints rely on a ZeRO optimizer)"
         )
     if out.get("fp16", {}).get("enabled", False):
-        raise ValueError(f"{source}: \"fp16\" is not supported; use \"bf16\" (no loss scaling needed)")
+        raise ConfigError(f"{source}: \"fp16\" is not supported; use \"bf16\" (no loss scaling needed)")
     if out.get("bf16", {}).get("check_grad_overflow", True) is False:
-        raise ValueError(f"{source}: \"bf16.check_grad_overflow\" must stay true (it skips non-finite steps)")
+        raise ConfigError(f"{source}: \"bf16.check_grad_overflow\" must stay true (it skips non-finite steps)")
     out.setdefault("steps_per_print", 1 << 30)  # the trainer prints; DeepSpeed's own lines would duplicate it
     out.setdefault("wall_clock_breakdown", False)
     # The optimizer is a torch AdamW built here, not one of DeepSpeed's own.

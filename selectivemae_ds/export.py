@@ -34,6 +34,7 @@ import torch
 from selectivemae_ds import checkpoint
 from selectivemae_ds.atomic import atomic_write_bytes, atomic_write_text, check_writable_dir
 from selectivemae_ds.errors import CheckpointError, ConfigError, run_cli
+from selectivemae_ds.config import load_resolved
 from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, timm_model_name
 
 
@@ -80,10 +81,8 @@ def load_fp32_state(tag: Path) -> dict[str, torch.Tensor]:
 
 
 def _configs(client_state: dict[str, Any]) -> tuple[ModelConfig, MaskingConfig]:
-    config = client_state.get("config")
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError("checkpoint has no resolved config in its client state")
-    return ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {}))
+    cfg = load_resolved(client_state.get("config"))
+    return cfg.model, cfg.masking
 
 
 def check_against_timm(encoder_state: dict[str, torch.Tensor], name: str, img_size: int) -> None:

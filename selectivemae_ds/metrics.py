@@ -62,14 +62,17 @@ class MetricsWriter:
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
-        """Write one record (must hold ``step``) to JSONL and TensorBoard and print a compact line."""
+        """Write one record (must hold ``step``) to JSONL and TensorBoard and print a compact line.
+
+        The JSONL is strict JSON: a value that is unknown or not finite (the loss of a window
+        without an applied step, the gradient norm after a skipped step) is written as null."""
         step = int(record["step"])
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         for key, value in record.items():
             if key not in ("step", "total_steps") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                if math.isfinite(float(value)):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                self.tb.add_scalar(f"train/{key}", value, step)
         self.tb.flush()
         print(format_line(record), file=sys.stdout, flush=True)
 
@@ -99,7 +102,7 @@ def _fmt(value: Any, spec: str) -> str:
 def format_line(r: dict[str, Any]) -> str:
     """The compact console line of one log record."""
     return (
-        f"step {r['step']}/{r['total_steps']} ep {r['epoch']:.2f} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+        f"step {r['step']}/{r['total_steps']} ep {r['epoch']:.2f} loss {_fmt(r['loss'], '.4f')} lr {r['lr']:.2e} "
         f"gnorm {_fmt(r['grad_norm'], '.3f')} img/s {r['img_per_s']:.1f} ({r['img_per_s_per_rank']:.1f}/rank) "
         f"wait {100 * r['data_wait']:.0f}% mfu {'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} "
         f"psts {r['psts_stage']} nonfinite {r['nonfinite_steps']}"

@@ -127,7 +127,8 @@ def _main(argv: list[str] | None) -> int:
     from selectivemae_ds import checkpoint
     from selectivemae_ds.evaluate import load_images
     from selectivemae_ds.export import load_fp32_state, resolve_tag
-    from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
+    from selectivemae_ds.config import load_resolved
+    from selectivemae_ds.models import build_model
 
     args = build_parser().parse_args(argv)
     # Everything a user can get wrong on the command line is refused before the checkpoint is read.
@@ -144,12 +145,12 @@ def _main(argv: list[str] | None) -> int:
 
     tag = resolve_tag(args.src)
     client = checkpoint.read_client_state(tag)
-    config = client["config"]
-    model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {})))
+    config = load_resolved(client["config"])
+    model = build_model(config.model, config.masking)
     model.load_state_dict(load_fp32_state(tag), strict=True)
     progress = args.progress
     if progress is None:
-        progress = client["step"] / max(int(config["train"]["steps"]), 1)
+        progress = client["step"] / max(config.train.steps, 1)
     imgs = load_images([Path(p) for p in args.images], model.model_cfg.img_size, center_crop=True)
     torch.manual_seed(args.seed)
     with torch.no_grad():

@@ -264,7 +264,7 @@ def test_nonfinite_steps_are_skipped_then_rollback_then_stop(tmp_path: Path, lau
     cmd = [str(BIN / "smae-pretrain"), "--config", str(DEMO), "--deepspeed_config",
            str(REPO / "ds_configs" / "cpu_smoke.json"), "--set", f"data.path={launch_dataset}", "--set", f"run_dir={run}",
            "--set", "train.steps=6", "--set", "checkpoint.every_steps=1", "--set", "checkpoint.keep=10",
-           "--set", "train.nonfinite_at=[1,3,4,5]", "--set", "train.max_nonfinite=2", "--set", "optim.lr=1e-3",
+           "--set", "debug.nonfinite_at=[1,3,4,5]", "--set", "train.max_nonfinite=2", "--set", "optim.lr=1e-3",
            "--set", "train.picture_every=0"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode != 0

@@ -98,10 +98,11 @@ def test_same_seed_gives_identical_batches(dataset: Path,
 def test_resume_equals_the_uninterrupted_stream(dataset: Path, resume_at: int,
                                                reference: tuple[list[torch.Tensor], list[np.ndarray]]) -> None:
     ref_images, ref_indices = reference
-    state = {"seed": SEED, "global_batch": GLOBAL_BATCH, "dataset_len": N,
-             "samples_seen": resume_at * GLOBAL_BATCH, "substituted": 0}
     with InputPipeline(_cfg(dataset), seed=SEED, global_batch=GLOBAL_BATCH, micro_batch=4, rank=0,
                        world_size=1) as pipe:
+        state = {"seed": SEED, "global_batch": GLOBAL_BATCH, "dataset_len": N,
+                 "dataset_fingerprint": pipe.dataset_fingerprint, "samples_seen": resume_at * GLOBAL_BATCH,
+                 "substituted": 0}
         pipe.load_state_dict(state)
         assert pipe.samples_seen == resume_at * GLOBAL_BATCH and pipe.epoch == resume_at // 5
         images, indices = _take(pipe, REF_BATCHES - resume_at)
@@ -118,8 +119,8 @@ def test_resume_from_a_saved_state_dict(dataset: Path,
                        world_size=1) as pipe:
         _take(pipe, 2)
         state = pipe.state_dict()
-    assert state == {"seed": SEED, "global_batch": GLOBAL_BATCH, "dataset_len": N, "samples_seen": 16,
-                     "substituted": 0}
+    assert state == {"seed": SEED, "global_batch": GLOBAL_BATCH, "dataset_len": N,
+                     "dataset_fingerprint": pipe.dataset_fingerprint, "samples_seen": 16, "substituted": 0}
     with InputPipeline(_cfg(dataset), seed=SEED, global_batch=GLOBAL_BATCH, micro_batch=2, rank=0,
                        world_size=1) as resumed:
         resumed.load_state_dict(state)

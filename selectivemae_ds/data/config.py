@@ -1,7 +1,7 @@
 """Typed configuration of the input pipeline (the ``[data]`` table of an experiment TOML)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from selectivemae_ds.errors import ConfigError
@@ -12,21 +12,24 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclass
 class DataConfig:
-    """Where the images come from and how they are augmented and delivered."""
+    """Where the images come from and how they are augmented and delivered.
+
+    Fields with ``metadata={"resume": "fixed"}`` define the sample stream: a resume must
+    keep them (``selectivemae_ds.config.fixed_on_resume``)."""
 
     path: str = ""
     """Packed dataset directory (holds ``manifest.json`` and ``shard-*.zarr``), as written by smae-pack."""
 
-    img_size: int = 224
+    img_size: int = field(default=224, metadata={"resume": "fixed"})
     """Side of the square model input in pixels; crops are resized (bicubic) to img_size x img_size."""
 
-    scale: tuple[float, float] = (0.2, 1.0)
+    scale: tuple[float, float] = field(default=(0.2, 1.0), metadata={"resume": "fixed"})
     """RandomResizedCrop area range, as fractions of the stored image area (paper: 0.2-1.0)."""
 
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ratio: tuple[float, float] = field(default=(3 / 4, 4 / 3), metadata={"resume": "fixed"})
     """RandomResizedCrop aspect-ratio (width / height) range; sampled log-uniformly."""
 
-    hflip: float = 0.5
+    hflip: float = field(default=0.5, metadata={"resume": "fixed"})
     """Probability of a horizontal flip per sample."""
 
     workers: int = 4
@@ -61,34 +64,37 @@ class DataConfig:
     infobatch_delta: float = 0.875
     """InfoBatch: epochs e < delta * (run's epochs) prune, the rest do not (public code: 0.875)."""
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad key (``data.<key>: ...``)."""
+    def validate(self, check_path: bool = True) -> None:
+        """Raise ConfigError naming the first bad key (``data.<key>: ...``).
+
+        ``check_path=False`` skips the existence check of ``data.path`` (a resolved config
+        read on another machine, e.g. by smae-export)."""
         if not self.path:
-            raise ValueError("data.path: no dataset directory given")
-        if not Path(self.path).is_dir():
-            raise ValueError(f"data.path: {self.path} does not exist")
+            raise ConfigError("data.path: no dataset directory given")
+        if check_path and not Path(self.path).is_dir():
+            raise ConfigError(f"data.path: {self.path} does not exist")
         if not isinstance(self.img_size, int) or self.img_size < 8:
-            raise ValueError(f"data.img_size: must be an integer >= 8, got {self.img_size!r}")
+            raise ConfigError(f"data.img_size: must be an integer >= 8, got {self.img_size!r}")
         lo, hi = _pair("scale", self.scale)
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"data.scale: need 0 < min <= max <= 1, got {tuple(self.scale)!r}")
+            raise ConfigError(f"data.scale: need 0 < min <= max <= 1, got {tuple(self.scale)!r}")
         lo, hi = _pair("ratio", self.ratio)
         if not 0.0 < lo <= hi:
-            raise ValueError(f"data.ratio: need 0 < min <= max, got {tuple(self.ratio)!r}")
+            raise ConfigError(f"data.ratio: need 0 < min <= max, got {tuple(self.ratio)!r}")
         if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"data.hflip: a probability in [0, 1], got {self.hflip!r}")
+            raise ConfigError(f"data.hflip: a probability in [0, 1], got {self.hflip!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"data.workers: need at least 1 worker process, got {self.workers!r}")
+            raise ConfigError(f"data.workers: need at least 1 worker process, got {self.workers!r}")
         if not isinstance(self.prefetch, int) or self.prefetch < 1:
-            raise ValueError(f"data.prefetch: need a queue depth >= 1, got {self.prefetch!r}")
+            raise ConfigError(f"data.prefetch: need a queue depth >= 1, got {self.prefetch!r}")
         if not isinstance(self.decode_threads, int) or self.decode_threads < 1:
-            raise ValueError(f"data.decode_threads: need at least 1 thread, got {self.decode_threads!r}")
+            raise ConfigError(f"data.decode_threads: need at least 1 thread, got {self.decode_threads!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise ValueError(f"data.hw_decoder_load: a fraction in [0, 1], got {self.hw_decoder_load!r}")
+            raise ConfigError(f"data.hw_decoder_load: a fraction in [0, 1], got {self.hw_decoder_load!r}")
         if self.device not in DEVICES:
-            raise ValueError(f"data.device: one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise ConfigError(f"data.device: one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"data.dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"data.dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_infobatch(self.infobatch_ratio, self.infobatch_delta)
 
 
@@ -108,4 +114,4 @@ def _pair(key: str, value: object) -> tuple[float, float]:
         lo, hi = value  # type: ignore[misc]
         return float(lo), float(hi)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"data.{key}: expected a (min, max) pair, got {value!r}") from e
+        raise ConfigError(f"data.{key}: expected a (min, max) pair, got {value!r}") from e

@@ -31,6 +31,8 @@ import math
 
 import numpy as np
 
+from selectivemae_ds.errors import ConfigError
+
 # Stream tags keep the permutation, crop and flip draws independent of each other
 # even where (seed, epoch, index) coincide.
 _TAG_PERMUTATION = 0x5EED_0001
@@ -68,11 +70,16 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:
-    """Global batches per epoch; the last partial global batch is dropped."""
+    """Global batches per epoch; the last partial global batch is dropped.
+
+    The one check that the dataset holds a full global batch (the pipeline, the epoch
+    conversion and the resume position all count through here).
+    """
     if global_batch <= 0:
         raise ValueError(f"global batch must be positive, got {global_batch}")
     if n < global_batch:
-        raise ValueError(f"dataset of {n} records is smaller than one global batch of {global_batch}")
+        raise ConfigError(f"train.global_batch: the dataset (data.path) of {n} records is smaller than one "
+                          f"global batch of {global_batch}; lower train.global_batch or pack more images")
     return n // global_batch
 
 

@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import io
+import json
 import logging
 import os
 import signal
@@ -59,7 +61,7 @@ from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.infobatch import EpochPlan, InfoBatch
 from selectivemae_ds.data.shards import RecordCorruptError, ShardedDataset
-from selectivemae_ds.errors import DataError
+from selectivemae_ds.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,11 @@ def _die_with_parent(parent_pid: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a DALI worker")
     if os.getppid() != parent_pid:  # the rank died before the signal was armed
         os._exit(1)
+    # SIGTERM/SIGINT are the rank's to handle: it finishes its step (which may need these
+    # workers' samples), checkpoints and exits, and the workers die with it. DeepSpeed's
+    # launcher sends TERM to the whole process tree, and Ctrl-C reaches the whole group.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _SampleSource:
@@ -318,9 +325,6 @@ class InputPipeline:
         self._bias = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
         self._dataset = ShardedDataset(cfg.path)
         self._n = len(self._dataset)
-        if self._n < global_batch:
-            raise ValueError(f"data.path: dataset of {self._n} records is smaller than one global batch "
-                             f"of {global_batch}")
         self._steps_per_epoch = order.steps_per_epoch(self._n, global_batch)
         self._batches_done = 0  # absolute global batches completed (all epochs)
         self._epoch = 0  # epoch of the next global batch
@@ -555,25 +559,42 @@ class InputPipeline:
             raise ValueError(f"state_dict() in the middle of a global batch ({self._micro}/{self.accum} "
                              "micro-batches yielded); save after the optimizer step")
         state = {"seed": self.seed, "global_batch": self.global_batch, "dataset_len": self._n,
-                 "samples_seen": self.samples_seen, "substituted": self.substituted}
+                 "dataset_fingerprint": self.dataset_fingerprint, "samples_seen": self.samples_seen,
+                 "substituted": self.substituted}
         if self.infobatch is not None:
             # Pruned epochs have varying lengths: samples_seen alone no longer gives the position.
             state.update(epoch=self._epoch, batch_in_epoch=self._batch, infobatch=self.infobatch.settings())
         return state
 
+    @property
+    def dataset_fingerprint(self) -> str:
+        """sha256 over the manifest's shard list (names, counts, index digests, excluded records):
+        two datasets with the same records in the same order, and only those, share it."""
+        shards = [(s["name"], s["count"], s["index_sha256"], s.get("exclude", []))
+                  for s in self._dataset.manifest["shards"]]
+        return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after ``state["samples_seen"]``; the world size may differ from the saving run's."""
+        """Continue after ``state["samples_seen"]``; the world size may differ from the saving run's.
+
+        The dataset must be the one the state was saved with (same manifest fingerprint, not
+        only the same length), and the seed and global batch the same: else the sample order
+        would differ. ConfigError names the key that differs.
+        """
         if self._micro:
             raise ValueError("load_state_dict() in the middle of a global batch; load before iterating")
-        for key, mine in (("global_batch", self.global_batch), ("dataset_len", self._n), ("seed", self.seed)):
+        for key, mine in (("global_batch", self.global_batch), ("dataset_len", self._n), ("seed", self.seed),
+                          ("dataset_fingerprint", self.dataset_fingerprint)):
             if state.get(key) != mine:
-                raise ValueError(f"cannot resume the input pipeline: {key} was {state.get(key)!r} in the "
-                                 f"checkpoint and is {mine!r} now; the sample order would differ")
+                what = " (data.path holds other records than the checkpoint's dataset)" \
+                    if key == "dataset_fingerprint" else ""
+                raise ConfigError(f"cannot resume the input pipeline: {key} was {state.get(key)!r} in the "
+                                  f"checkpoint and is {mine!r} now{what}; the sample order would differ")
         mine_ib = self.infobatch.settings() if self.infobatch is not None else None
         if state.get("infobatch") != mine_ib:
-            raise ValueError(f"cannot resume the input pipeline: data.infobatch settings were "
-                             f"{state.get('infobatch')!r} in the checkpoint and are {mine_ib!r} now; the sample "
-                             "order would differ")
+            raise ConfigError(f"cannot resume the input pipeline: data.infobatch settings were "
+                              f"{state.get('infobatch')!r} in the checkpoint and are {mine_ib!r} now; the sample "
+                              "order would differ")
         samples_seen = int(state["samples_seen"])
         if mine_ib is None:
             epoch, g = order.position(samples_seen, self._n, self.global_batch)

@@ -2,14 +2,16 @@
 
 Two dataclasses, one per TOML section (`[model]`, `[masking]`). Every field
 carries a comment saying what it means and where its default comes from
-(see docs/model.md for the full table). `validate()` raises `ValueError`
+(see docs/model.md for the full table). `validate()` raises `ConfigError`
 with a message that names the key with its section prefix, so a user sees
 exactly which line of the experiment file to fix.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from selectivemae_ds.errors import ConfigError
 
 METHODS: tuple[str, ...] = ("selectivemae", "mae", "crossmae")
 SIZES: tuple[str, ...] = ("tiny", "small", "base", "large", "huge")
@@ -34,26 +36,29 @@ DEFAULT_DECODER_DEPTH: dict[str, int] = {"selectivemae": 12, "crossmae": 12, "ma
 
 @dataclass
 class ModelConfig:
-    """The `[model]` section: which method, which encoder, which decoder."""
+    """The `[model]` section: which method, which encoder, which decoder.
 
-    method: str = "selectivemae"
+    Fields with ``metadata={"resume": "fixed"}`` fix the parameter shapes: a resume must
+    keep them (``selectivemae_ds.config.fixed_on_resume``)."""
+
+    method: str = field(default="selectivemae", metadata={"resume": "fixed"})
     """Pretraining method: `selectivemae` (PSTS token selection + cross-attention
     decoder on a partial target set), `mae` (random 75% masking, self-attention
     decoder, all masked patches reconstructed) or `crossmae` (random masking,
     cross-attention decoder, random partial reconstruction)."""
-    size: str = "base"
+    size: str = field(default="base", metadata={"resume": "fixed"})
     """Encoder size: tiny, small, base, large (patch 16) or huge (patch 14)."""
-    img_size: int = 224
+    img_size: int = field(default=224, metadata={"resume": "fixed"})
     """Square input side in pixels; must be a multiple of the patch size."""
-    patch_size: int | None = None
+    patch_size: int | None = field(default=None, metadata={"resume": "fixed"})
     """Patch side in pixels; None means 16, or 14 for `huge` (as MAE)."""
-    decoder_depth: int | None = None
+    decoder_depth: int | None = field(default=None, metadata={"resume": "fixed"})
     """Decoder blocks; None means the method's default (12 selectivemae/crossmae, 8 mae)."""
-    decoder_dim: int = 512
+    decoder_dim: int = field(default=512, metadata={"resume": "fixed"})
     """Decoder width (paper and MAE: 512)."""
-    decoder_heads: int = 16
+    decoder_heads: int = field(default=16, metadata={"resume": "fixed"})
     """Decoder attention heads (MAE: 16)."""
-    decoder_self_attn: bool = False
+    decoder_self_attn: bool = field(default=False, metadata={"resume": "fixed"})
     """Cross-attention decoders only: add a self-attention layer over the queries
     in every block (CrossMAE's option; the paper's default is off)."""
     norm_pix_loss: bool = True
@@ -81,31 +86,31 @@ class ModelConfig:
         return (self.img_size // self.resolved_patch_size()) ** 2
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending `model.*` key."""
+        """Raise ConfigError naming the offending `model.*` key."""
         if self.method not in METHODS:
-            raise ValueError(f"model.method: unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+            raise ConfigError(f"model.method: unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.size not in SIZES:
-            raise ValueError(f"model.size: unknown size {self.size!r} (choose from {', '.join(SIZES)})")
+            raise ConfigError(f"model.size: unknown size {self.size!r} (choose from {', '.join(SIZES)})")
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"model.attn_impl: unknown attention {self.attn_impl!r} (choose from {', '.join(ATTN_IMPLS)})")
+            raise ConfigError(f"model.attn_impl: unknown attention {self.attn_impl!r} (choose from {', '.join(ATTN_IMPLS)})")
         if self.patch_size is not None and self.patch_size < 1:
-            raise ValueError(f"model.patch_size: must be >= 1, got {self.patch_size}")
+            raise ConfigError(f"model.patch_size: must be >= 1, got {self.patch_size}")
         patch = self.resolved_patch_size()
         if self.img_size < 1 or self.img_size % patch != 0:
-            raise ValueError(f"model.img_size: must be a positive multiple of the patch size {patch}, got {self.img_size}")
+            raise ConfigError(f"model.img_size: must be a positive multiple of the patch size {patch}, got {self.img_size}")
         if self.decoder_depth is not None and self.decoder_depth < 1:
-            raise ValueError(f"model.decoder_depth: must be >= 1, got {self.decoder_depth}")
+            raise ConfigError(f"model.decoder_depth: must be >= 1, got {self.decoder_depth}")
         if self.decoder_dim < 1:
-            raise ValueError(f"model.decoder_dim: must be >= 1, got {self.decoder_dim}")
+            raise ConfigError(f"model.decoder_dim: must be >= 1, got {self.decoder_dim}")
         if self.decoder_heads < 1 or self.decoder_dim % self.decoder_heads != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.decoder_heads: must divide model.decoder_dim ({self.decoder_dim}), got {self.decoder_heads}"
             )
         # The 2-D sin-cos table splits the width in four (sin/cos x rows/cols).
         if self.decoder_dim % 4 != 0:
-            raise ValueError(f"model.decoder_dim: must be a multiple of 4 (2-D sin-cos table), got {self.decoder_dim}")
+            raise ConfigError(f"model.decoder_dim: must be a multiple of 4 (2-D sin-cos table), got {self.decoder_dim}")
         if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"model.drop_path: must be in [0, 1), got {self.drop_path}")
+            raise ConfigError(f"model.drop_path: must be in [0, 1), got {self.drop_path}")
 
 
 @dataclass
@@ -154,7 +159,7 @@ class MaskingConfig:
         return visible, targets
 
     def validate(self, method: str = "selectivemae", num_patches: int | None = None) -> None:
-        """Raise ValueError naming the offending `masking.*` key.
+        """Raise ConfigError naming the offending `masking.*` key.
 
         With `num_patches` (from `ModelConfig.num_patches()`), also check that the
         ratios leave at least one visible and one target patch and that the
@@ -163,48 +168,48 @@ class MaskingConfig:
         for key in ("mask_ratio", "mae_mask_ratio"):
             value = getattr(self, key)
             if not 0.0 < value < 1.0:
-                raise ValueError(f"masking.{key}: must be in (0, 1), got {value}")
+                raise ConfigError(f"masking.{key}: must be in (0, 1), got {value}")
         if not 0.0 < self.decode_ratio <= 1.0:
-            raise ValueError(f"masking.decode_ratio: must be in (0, 1], got {self.decode_ratio}")
+            raise ConfigError(f"masking.decode_ratio: must be in (0, 1], got {self.decode_ratio}")
         if self.init_select not in INIT_SELECTS:
-            raise ValueError(
+            raise ConfigError(
                 f"masking.init_select: unknown selection {self.init_select!r} (choose from {', '.join(INIT_SELECTS)})"
             )
         if not self.temperature > 0.0:
-            raise ValueError(f"masking.temperature: must be > 0, got {self.temperature}")
+            raise ConfigError(f"masking.temperature: must be > 0, got {self.temperature}")
         if not 0.0 <= self.blend < 1.0:
-            raise ValueError(f"masking.blend: must be in [0, 1), got {self.blend}")
+            raise ConfigError(f"masking.blend: must be in [0, 1), got {self.blend}")
         if not 0.0 <= self.near_until <= 1.0:
-            raise ValueError(f"masking.near_until: must be in [0, 1], got {self.near_until}")
+            raise ConfigError(f"masking.near_until: must be in [0, 1], got {self.near_until}")
         if not 0.0 <= self.far_until <= 1.0:
-            raise ValueError(f"masking.far_until: must be in [0, 1], got {self.far_until}")
+            raise ConfigError(f"masking.far_until: must be in [0, 1], got {self.far_until}")
         # Blend windows are centred on the switches and must not overlap, else
         # the near->far and far->random mixes are not a valid distribution.
         if self.far_until - self.near_until < self.blend:
-            raise ValueError(
+            raise ConfigError(
                 f"masking.far_until: must be >= masking.near_until + masking.blend "
                 f"({self.near_until} + {self.blend}), got {self.far_until}"
             )
         if self.hog_bins < 2:
-            raise ValueError(f"masking.hog_bins: must be >= 2, got {self.hog_bins}")
+            raise ConfigError(f"masking.hog_bins: must be >= 2, got {self.hog_bins}")
         if num_patches is None:
             return
         visible, targets = self.counts(method, num_patches)
         ratio_key = "masking.mask_ratio" if method == "selectivemae" else "masking.mae_mask_ratio"
         if visible < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"{ratio_key}: leaves no visible patch with {num_patches} patches per image "
                 f"(floor({num_patches} * (1 - {self.effective_mask_ratio(method)})) = 0)"
             )
         if visible >= num_patches:
-            raise ValueError(f"{ratio_key}: leaves no masked patch with {num_patches} patches per image")
+            raise ConfigError(f"{ratio_key}: leaves no masked patch with {num_patches} patches per image")
         if targets < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"masking.decode_ratio: leaves no target patch with {num_patches} patches per image "
                 f"(floor({num_patches} * {self.decode_ratio}) = 0)"
             )
         if targets > num_patches - visible:
-            raise ValueError(
+            raise ConfigError(
                 f"masking.decode_ratio: {targets} targets do not fit among the {num_patches - visible} "
                 f"non-visible patches (decode_ratio must be <= 1 - {ratio_key.split('.')[1]})"
             )

@@ -57,7 +57,7 @@ def test_trainer_keeps_going_over_rotten_records(tmp_path: Path, rotten: tuple[P
     the run finishes, each rotten record is substituted and counted, the bad step is counted."""
     root, _ = rotten
     run = tmp_path / "run"
-    r = train_one_rank(run, root, "train.steps=5", "checkpoint.every_steps=0", "train.nonfinite_grad_at=[2]")
+    r = train_one_rank(run, root, "train.steps=5", "checkpoint.every_steps=0", "debug.nonfinite_grad_at=[2]")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[done] checkpoint:" in r.stdout
     last = [e for e in records(run) if "event" not in e][-1]

@@ -33,8 +33,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("unknown size", ["model.size=giant"], "model.size: unknown size 'giant'"),
     ("unknown key", ["train.stepz=3"], "train.stepz: unknown key"),
     ("wrong type", ["optim.blr=fast"], "optim.blr: expected a number, got 'fast'"),
-    ("negative fault step", ["train.nonfinite_grad_at=[-1]"], "train.nonfinite_grad_at: fault-injection steps"),
-    ("fault value", ["train.nonfinite_value=zero"], 'train.nonfinite_value: must be "nan" or "inf"'),
+    ("negative fault step", ["debug.nonfinite_grad_at=[-1]"], "debug.nonfinite_grad_at: fault-injection steps"),
+    ("fault value", ["debug.nonfinite_value=zero"], 'debug.nonfinite_value: must be "nan" or "inf"'),
     ("resume target", ["checkpoint.resume=/nonexistent/step_00000002"], "checkpoint.resume: /nonexistent/step_00000002"),
 ]
 

@@ -2,7 +2,7 @@
 
 ``tests/test_checkpoint.py::test_nonfinite_steps_are_skipped_then_rollback_then_stop``
 drills NaN losses; here the loss is inf at one step and one parameter's gradient is inf
-(loss finite) at others (``train.nonfinite_grad_at``): each such step is skipped by
+(loss finite) at others (``debug.nonfinite_grad_at``): each such step is skipped by
 DeepSpeed, counted, leaves the weights untouched, and K in a row roll back once, then stop.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ def test_inf_loss_and_inf_gradients_skip_count_rollback_stop(tmp_path: Path, lau
     the step-3 checkpoint, 3+4 again stop the run."""
     run = tmp_path / "inf"
     r = train_one_rank(run, launch_dataset, "train.steps=5", "checkpoint.every_steps=1", "checkpoint.keep=20",
-                       "train.nonfinite_value=inf", "train.nonfinite_at=[0]", "train.nonfinite_grad_at=[2,3,4]",
+                       "debug.nonfinite_value=inf", "debug.nonfinite_at=[0]", "debug.nonfinite_grad_at=[2,3,4]",
                        "train.max_nonfinite=2")
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert ("error: 2 consecutive non-finite steps (train.max_nonfinite = 2) at step 5 after a rollback; "
+    assert r.returncode == 5, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ("run error: 2 consecutive non-finite steps (train.max_nonfinite = 2) at step 5 after a rollback; "
             "lower optim.blr, check the data, or raise optim.grad_clip") in r.stderr
     recs = records(run)
     logs = [e for e in recs if "event" not in e]

@@ -10,8 +10,8 @@ Then it checks that the relaunch
 - ends with the same fp32 weights as the uninterrupted run (the resume is exact from any
   checkpoint, see tests/test_checkpoint.py, so every restart point allows the comparison).
 
-The CI trial kills during the write of the step-4 checkpoint: the test-only hook
-``SMAE_TEST_CHECKPOINT_DELAY_S`` holds every rank between its shard write and the COMPLETE
+The CI trial kills during the write of the step-4 checkpoint: the test-only key
+``debug.checkpoint_delay_s`` holds every rank between its shard write and the COMPLETE
 marker, and the kill fires when the tag's shards and client state exist without the marker.
 The heavy trials (``--heavy-trials N``) draw the moment at random.
 """
@@ -75,9 +75,8 @@ def _after(run: Path, step: int, extra_s: float) -> Callable[[], bool]:
 def kill_trial(run: Path, data: Path, moment: str, condition: Callable[[], bool], delay_s: float) -> Trial:
     """Launch, SIGKILL rank 1 when ``condition`` holds, relaunch with --resume auto."""
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    if delay_s > 0:
-        env["SMAE_TEST_CHECKPOINT_DELAY_S"] = str(delay_s)
-    proc = subprocess.Popen(pretrain_cmd(run, data, DS_JSON), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    delay = ["--set", f"debug.checkpoint_delay_s={delay_s}"] if delay_s > 0 else []
+    proc = subprocess.Popen(pretrain_cmd(run, data, DS_JSON, *delay), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     killed = False
     try:
