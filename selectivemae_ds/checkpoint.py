@@ -68,8 +68,8 @@ class UnsafeCheckpointError(ValueError):
 # data order or the meaning of a step. Everything else (logging, lr, paths) may change.
 COMPAT_KEYS = (
     "model.method", "model.size", "model.img_size", "model.patch_size", "model.decoder_depth",
-    "model.decoder_dim", "model.decoder_heads", "model.decoder_self_attn", "data.img_size",
-    "train.global_batch", "train.seed",
+    "model.decoder_dim", "model.decoder_heads", "model.decoder_self_attn", "crossmae.weight_fm", "crossmae.use_input",
+    "data.img_size", "train.global_batch", "train.seed",
 )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from selectivemae_ds import checkpoint
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, timm_model_name
+from selectivemae_ds.models import ModelConfig, build_model, configs_from_dict, timm_model_name
 
 
 def resolve_tag(src: str | os.PathLike[str]) -> Path:
@@ -72,11 +72,11 @@ def load_fp32_state(tag: Path) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
 
 
-def _configs(client_state: dict[str, Any]) -> tuple[ModelConfig, MaskingConfig]:
+def _configs(client_state: dict[str, Any]) -> tuple[ModelConfig, Any]:
     config = client_state.get("config")
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError("checkpoint has no resolved config in its client state")
-    return ModelConfig(**config["model"]), MaskingConfig(**config.get("masking", {}))
+    return configs_from_dict(config)
 
 
 def check_against_timm(encoder_state: dict[str, torch.Tensor], name: str, img_size: int) -> None:
@@ -101,8 +101,8 @@ def export(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str
 
     tag = resolve_tag(src)
     client = checkpoint.read_client_state(tag)
-    model_cfg, masking_cfg = _configs(client)
-    model = build_model(model_cfg, masking_cfg)
+    model_cfg, method_cfg = _configs(client)
+    model = build_model(model_cfg, method_cfg)
     full = load_fp32_state(tag)
     model.load_state_dict(full, strict=True)
     encoder = {k: v.detach().float().contiguous() for k, v in model.encoder.state_dict().items()}

@@ -19,7 +19,7 @@ def cfg(tmp_path: Path):
 
 
 def test_no_decay_on_norms_biases_and_tokens(cfg) -> None:
-    model = build_model(cfg.model, cfg.masking)
+    model = build_model(cfg.model, cfg.method_cfg)
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}

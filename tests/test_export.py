@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from selectivemae_ds import checkpoint
 from selectivemae_ds.evaluate import load_images
 from selectivemae_ds.export import load_fp32_state, main
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
+from selectivemae_ds.models import ModelConfig, build_model, configs_from_dict
 from tests.shard_fixtures import source_images
 
 
 def _ours(tag: Path) -> torch.nn.Module:
     config = checkpoint.read_client_state(tag)["config"]
-    model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config["masking"]))
+    model = build_model(*configs_from_dict(config))
     model.load_state_dict(load_fp32_state(tag), strict=True)
     return model.eval()
 
@@ -48,7 +48,7 @@ def test_export_loads_strictly_into_timm_with_equal_features(tmp_path, straight_
         got = timm_model.forward_features(imgs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The exported weights are the trained ones, not a fresh initialisation.
-    fresh = build_model(ModelConfig(size="tiny", img_size=64), MaskingConfig()).encoder.state_dict()
+    fresh = build_model(ModelConfig(size="tiny", img_size=64)).encoder.state_dict()
     assert not torch.equal(load_file(out)["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
 
 

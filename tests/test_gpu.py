@@ -9,7 +9,7 @@ import torch
 
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.pipeline import IMAGENET_STD, InputPipeline
-from selectivemae_ds.models import METHODS, MaskingConfig, ModelConfig, build_model
+from selectivemae_ds.models import ModelConfig, build_model, method_names
 from tests.shard_fixtures import build_dataset
 
 pytestmark = pytest.mark.gpu
@@ -44,10 +44,10 @@ def test_gpu_pipeline_yields_bf16_on_device(tmp_path, assets_dir):
     assert batch.is_cuda and batch.dtype == torch.bfloat16 and batch.shape == (8, 3, 64, 64)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_bf16_training_steps_are_finite(method):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(method=method, size="base"), MaskingConfig()).cuda()
+    model = build_model(ModelConfig(method=method, size="base")).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), fused=True)
     imgs = torch.randn(16, 3, 224, 224, device="cuda")
     for step in range(3):
@@ -60,10 +60,10 @@ def test_bf16_training_steps_are_finite(method):
         opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("progress", [0.1, 0.375, 0.5, 0.9])
 def test_model_step_has_no_host_sync(method, progress):
-    model = build_model(ModelConfig(method=method, size="small"), MaskingConfig()).cuda()
+    model = build_model(ModelConfig(method=method, size="small")).cuda()
     imgs = torch.randn(8, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(imgs, progress=progress).loss.backward()  # warm-up: lazy init may sync
