@@ -59,7 +59,8 @@ class OptimConfig:
     warmup_steps: int = -1
     """Linear warmup length in optimizer steps; -1 means use ``warmup_epochs``."""
     warmup_epochs: float = 40.0
-    """Linear warmup in epochs (paper: 40 of 800), converted to steps once."""
+    """Linear warmup in epochs, converted to steps once (MAE and CrossMAE: 40 of 800; the
+    SelectiveMAE paper: 60 of 800, its Table 9, set in its recipe configs)."""
     beta1: float = 0.9
     """AdamW beta1 (MAE: 0.9)."""
     beta2: float = 0.95
@@ -67,9 +68,13 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.05
-    """Decoupled weight decay on matrices; norms, biases and pos/cls/mask tokens get none."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping."""
+    """Decoupled weight decay on matrices (cls/mask tokens included, as MAE); norms and biases
+    get none (position tables are fixed buffers)."""
+    grad_clip: float | None = None
+    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping; unset
+    (None) means the method's recipe: 0 for mae and crossmae (their code does not clip), 1.0
+    for selectivemae (a deviation from its public code, see docs/model.md). The resolved
+    config records the number."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending ``optim.*`` key."""
@@ -91,7 +96,7 @@ class OptimConfig:
             raise ValueError(f"optim.eps: must be > 0, got {self.eps}")
         if self.weight_decay < 0.0:
             raise ValueError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.grad_clip < 0.0:
+        if self.grad_clip is not None and self.grad_clip < 0.0:
             raise ValueError(f"optim.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
 
 
@@ -393,6 +398,8 @@ def build_config(table: dict[str, Any], overrides: list[str] | None = None) -> T
         cfg.data.img_size = cfg.model.img_size
     for name, unused in others.items():
         get_spec(name).check(unused)
+    if cfg.optim.grad_clip is None:
+        cfg.optim.grad_clip = get_spec(method).default_grad_clip
     cfg.validate()
     return cfg
 

@@ -21,14 +21,15 @@ def test_peak_lr_follows_the_paper(tmp_path: Path) -> None:
     smae = recipe(tmp_path, "selectivemae_vitb_800ep")
     assert peak_lr(smae) == pytest.approx(1.5e-4 * 1024 / 256 * 0.25 / 0.85)
     assert peak_lr(recipe(tmp_path, "selectivemae_vitb_800ep", "optim.scale_by_decode=false")) == pytest.approx(6e-4)
-    # MAE has no decode scaling; an absolute lr replaces the rule.
-    assert peak_lr(recipe(tmp_path, "mae_vitb_800ep")) == pytest.approx(6e-4)
+    # MAE has no decode scaling (its recipe runs at batch 4096); an absolute lr replaces the rule.
+    assert peak_lr(recipe(tmp_path, "mae_vitb_800ep")) == pytest.approx(1.5e-4 * 4096 / 256)
     assert peak_lr(recipe(tmp_path, "mae_vitb_800ep", "optim.lr=1e-3")) == pytest.approx(1e-3)
     # CrossMAE scales by its own ratios, as its main_pretrain.py (kept_mask_ratio / mask_ratio).
-    cross = recipe(tmp_path, "mae_vitb_800ep", "model.method=crossmae")
-    assert peak_lr(cross) == pytest.approx(1.5e-4 * 1024 / 256 * 0.25 / 0.75)
-    assert peak_lr(recipe(tmp_path, "mae_vitb_800ep", "model.method=crossmae", "crossmae.decode_ratio=0.5")) == \
-        pytest.approx(1.5e-4 * 1024 / 256 * 0.5 / 0.75)
+    assert peak_lr(recipe(tmp_path, "crossmae_vitb_800ep")) == pytest.approx(1.5e-4 * 4096 / 256 * 0.25 / 0.75)
+    assert peak_lr(recipe(tmp_path, "crossmae_vitb_800ep", "crossmae.decode_ratio=0.5")) == \
+        pytest.approx(1.5e-4 * 4096 / 256 * 0.5 / 0.75)
+    assert peak_lr(recipe(tmp_path, "crossmae_vitb_800ep", "optim.scale_by_decode=false")) == \
+        pytest.approx(1.5e-4 * 4096 / 256)
 
 
 def test_warmup_then_cosine() -> None:

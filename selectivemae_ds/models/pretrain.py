@@ -66,11 +66,10 @@ class PretrainModel(nn.Module):
         self.decoder = self.spec.build_decoder(method_cfg, model_cfg, self.encoder.embed_dim, self.encoder.grid)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (as in `named_parameters`) exempt from weight decay: the tokens.
-
-        The position tables are buffers, never parameters, so they need no entry.
-        """
-        return {"encoder.cls_token", "decoder.mask_token"}
+        """Parameter names (as in `named_parameters`) exempt from weight decay besides norms
+        and biases: the method's (none for the built-ins, which decay the cls and mask tokens
+        as their reference code does). The position tables are buffers, never parameters."""
+        return self.spec.no_weight_decay(self.method_cfg)
 
     def flops_per_image(self) -> float:
         """Training FLOPs per image (fwd + bwd): 3 x the spec's forward count."""

@@ -12,6 +12,7 @@ its name:
 | `select`                | `PretrainModel` and `smae-bench model`           |
 | `run`                   | `PretrainModel.forward` / `forward_details`      |
 | `lr_scale`              | `schedules.peak_lr`                              |
+| `default_grad_clip`, `no_weight_decay` | `optim.grad_clip` when unset; `engine.param_groups` |
 | `forward_flops`         | `flops.flops_per_image` (throughput, MFU)        |
 | `loss_terms`, `logged_stats`, `log_fields` | the trainer's log records     |
 
@@ -110,6 +111,9 @@ class MethodSpec:
     and logs under the same names."""
     ratio_keys: ClassVar[tuple[str, str]] = ("mask_ratio", "decode_ratio")
     """Config keys that set the visible / target counts (named in count errors)."""
+    default_grad_clip: ClassVar[float] = 0.0
+    """`optim.grad_clip` when the config leaves it unset: the method's recipe (0 = no
+    clipping, as MAE, CrossMAE and the public SelectiveMAE code)."""
 
     # --- configuration ---------------------------------------------------------------
 
@@ -172,6 +176,14 @@ class MethodSpec:
             return SelfAttentionDecoder(**common)
         return CrossAttentionDecoder(**common, self_attn=model_cfg.decoder_self_attn,
                                      **self.cross_decoder_options(cfg, model_cfg))
+
+    def no_weight_decay(self, cfg: Any) -> set[str]:
+        """Parameter names exempt from weight decay besides norms and biases (ndim <= 1).
+
+        Empty: MAE, CrossMAE and the public SelectiveMAE code (timm's weight-decay
+        groups) decay the cls and mask tokens like every other matrix.
+        """
+        return set()
 
     def cross_decoder_options(self, cfg: Any, model_cfg: ModelConfig) -> dict[str, Any]:
         """Extra `CrossAttentionDecoder` arguments of this method (e.g. CrossMAE's fusion)."""

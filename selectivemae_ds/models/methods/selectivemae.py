@@ -82,6 +82,10 @@ class SelectiveMAE(MethodSpec):
     default_decoder_depth = 12
     decoder_kind = "cross"
     logged_stats = ("psts_stage_id", "stage_near", "stage_far", "stage_random")
+    # Deviation: the public code does not clip (its fp16 loss scaler skips overflowing
+    # steps); 1.0 is this project's earlier default, kept as a guard against loss spikes in
+    # long bf16 runs (not measured). optim.grad_clip = 0 runs it the public code's way.
+    default_grad_clip = 1.0
 
     def counts(self, cfg: SelectiveMAEConfig, num_patches: int) -> tuple[int, int]:
         """visible = floor(N(1 - mask_ratio)), targets = floor(N * decode_ratio)."""
