@@ -1,19 +1,19 @@
-"""SelectiveMAE vs MAE vs CrossMAE training throughput, in one run.
+"""Training throughput of every registered method (SelectiveMAE, MAE, CrossMAE, ...), in one run.
 
     .venv/bin/python bench/model.py                      # CPU fp32, ViT-S and ViT-B
     .venv/bin/python bench/model.py --gpu-sizes small base large   # + CUDA bf16 when present
 
-Per (device, size) the three models are built once and timed in interleaved
+Per (device, size) every method's model is built once and timed in interleaved
 rounds (sm, mae, cross, sm, mae, cross, ...); each keeps its fastest round
 (by wall time; the round's process CPU time is reported with it).
 On a machine shared with other jobs this spreads the interference evenly
 over the methods instead of penalizing whichever ran during a busy spell.
 
 Prints one JSON object: every record of `smae-bench model` (img/s, step and
-selection time, FLOPs), and per (device, size) the throughput ratios
-selectivemae/mae and crossmae/mae and the share of the selectivemae step
-spent in HOG + PSTS. GPU targets (issue 4): selectivemae >= 3x mae at ViT-B,
->= 3.5x at ViT-L; HOG + PSTS <= 5% of the step.
+selection time, FLOPs), and per (device, size) every method's throughput over
+mae's (`<method>/mae`, from wall and from CPU time) and each method's selection
+share of its step (`<method>_select_share`). GPU targets (issue 4): selectivemae
+>= 3x mae at ViT-B, >= 3.5x at ViT-L; HOG + PSTS <= 5% of the step.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.pipeline import IMAGENET_STD, InputPipeline
-from selectivemae_ds.models import ModelConfig, build_model, method_names
+from selectivemae_ds.models import ModelConfig, build_model, get_spec, method_names
 from tests.shard_fixtures import build_dataset
 
 pytestmark = pytest.mark.gpu
@@ -60,10 +60,20 @@ def test_bf16_training_steps_are_finite(method):
         opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("method", method_names())
+# Every method with its defaults, plus the options that change the step's graph.
+SYNC_CASES = [(m, {}) for m in method_names()] + [
+    ("selectivemae", {"similarity": "max", "with_pos": True, "init_select": "softmax", "target_select": "random"}),
+    ("crossmae", {"weight_fm": True, "use_input": True}),
+]
+
+
+@pytest.mark.parametrize("method,options", SYNC_CASES)
 @pytest.mark.parametrize("progress", [0.1, 0.375, 0.5, 0.9])
-def test_model_step_has_no_host_sync(method, progress):
-    model = build_model(ModelConfig(method=method, size="small")).cuda()
+def test_model_step_has_no_host_sync(method, options, progress):
+    method_cfg = get_spec(method).default_config()
+    for key, value in options.items():
+        setattr(method_cfg, key, value)
+    model = build_model(ModelConfig(method=method, size="small"), method_cfg).cuda()
     imgs = torch.randn(8, 3, 224, 224, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(imgs, progress=progress).loss.backward()  # warm-up: lazy init may sync
