@@ -216,12 +216,16 @@ class ViTEncoder(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(b, -1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1)
 
+    def forward_all(self, patches: Tensor) -> Tensor:
+        """Encode the whole sequence: (B, N, D) embeddings (some may be mask tokens, as
+        SimMIM/CtxMIM feed) -> (B, 1 + N, D), cls first, after the final norm."""
+        cls = self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+        x = torch.cat([cls, patches], dim=1) + self.pos_embed.to(patches.dtype)
+        return self.norm(self.blocks(x))
+
     def forward_features(self, imgs: Tensor) -> Tensor:
         """All patches, unmasked: (B, 3, H, W) -> (B, 1 + N, D) (timm's forward_features)."""
-        x = self.embed_patches(imgs)
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
-        return self.norm(self.blocks(x))
+        return self.forward_all(self.embed_patches(imgs))
 
 
 def _layer_norm_1e6(dim: int, **kwargs: Any) -> nn.LayerNorm:

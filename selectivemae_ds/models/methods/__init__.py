@@ -14,18 +14,24 @@ from __future__ import annotations
 from . import selectivemae  # noqa: F401  isort: skip
 from . import mae  # noqa: F401  isort: skip
 from . import crossmae  # noqa: F401  isort: skip
+from . import simmim  # noqa: F401  isort: skip
+from . import ctxmim  # noqa: F401  isort: skip
 from .base import MethodSpec, Selection, StepTensors
 from .crossmae import CrossMAEConfig
+from .ctxmim import CtxMIMConfig
 from .mae import MAEConfig
 from .registry import get_spec, method_names, register
 from .selectivemae import SelectiveMAEConfig
+from .simmim import SimMIMConfig
 
 __all__ = [
     "CrossMAEConfig",
+    "CtxMIMConfig",
     "MAEConfig",
     "MethodSpec",
     "Selection",
     "SelectiveMAEConfig",
+    "SimMIMConfig",
     "StepTensors",
     "get_spec",
     "method_names",
