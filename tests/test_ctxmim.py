@@ -132,6 +132,21 @@ def test_config_errors_name_the_key(method: str, model_kw: dict, overrides: dict
         build_model(tiny(method, **model_kw), method_cfg(method, **overrides))
 
 
+@pytest.mark.parametrize("name", ["ctxmim_vitb", "simmim_vitb"])
+def test_recipes_parse_and_name_their_source(tmp_path: Path, name: str) -> None:
+    from selectivemae_ds.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    cfg = load_config(path, [f"data.path={tmp_path}"])
+    method = name.removesuffix("_vitb")
+    assert (cfg.model.method, cfg.model.size, cfg.model.img_size, cfg.model.norm_pix_loss) == (method, "base", 192, False)
+    assert (cfg.method_cfg.mask_ratio, cfg.method_cfg.mask_block, cfg.method_cfg.loss) == (0.6, 2, "l1")
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.train.epochs) == (1e-5, 0.9, 0.999, 200)
+    header = path.read_text()
+    assert "Context-Enhanced Masked" in header and "Deviations" in header
+    build_model(cfg.model, cfg.method_cfg)  # the 12 x 12 grid takes 2 x 2 blocks
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simmim", "ctxmim"])
 def test_two_rank_run_resumes_exactly(tmp_path: Path, launch_dataset: Path, method: str) -> None:
