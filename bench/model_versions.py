@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             for name, tree in (("before", args.before), ("after", args.after)):
                 rec = run_one(tree.resolve(), method, args)
+                print(json.dumps({"version": name, **rec}), file=sys.stderr, flush=True)  # progress
                 key = (method, name)
                 if key not in best or rec["step_ms"] < best[key]["step_ms"]:
                     best[key] = rec

@@ -140,15 +140,20 @@ def sample_stages(weights: Tensor, batch: int, generator: torch.Generator | None
     return (u >= weights[0]).long() + (u >= weights[0] + weights[1]).long()
 
 
+def floor_count(num_patches: int, ratio: float) -> int:
+    """floor(N * ratio), robust to float error (196 * 0.15 = 29.4 must not floor to 29 vs 28)."""
+    return math.floor(num_patches * ratio + 1e-9)
+
+
 def psts_counts(num_patches: int, cfg: SelectiveMAEConfig) -> tuple[int, int, int, int]:
     """(initial, first expansion, second expansion, targets) for N patches.
 
     visible V = floor(N(1-m)); initial = max(1, floor(N(1-m)/2)); the expansions
     split V - initial as ceil/floor halves; targets = floor(N r).
     """
-    visible = math.floor(num_patches * (1.0 - cfg.mask_ratio) + 1e-9)
-    targets = math.floor(num_patches * cfg.decode_ratio + 1e-9)
-    initial = min(visible, max(1, math.floor(num_patches * (1.0 - cfg.mask_ratio) / 2.0 + 1e-9)))
+    visible = floor_count(num_patches, 1.0 - cfg.mask_ratio)
+    targets = floor_count(num_patches, cfg.decode_ratio)
+    initial = min(visible, max(1, floor_count(num_patches, (1.0 - cfg.mask_ratio) / 2.0)))
     rest = visible - initial
     return initial, (rest + 1) // 2, rest // 2, targets
 

@@ -25,7 +25,6 @@ loss terms) overrides `run` and returns its terms in `StepTensors.terms`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
@@ -37,7 +36,7 @@ from ..decoder import CrossAttentionDecoder, SelfAttentionDecoder
 from ..config import ENCODER_PRESETS, ModelConfig
 from ..flops import cross_decoder_forward_flops, encoder_forward_flops
 from ..patches import gather_tokens, patchify
-from ..token_selection import random_select
+from ..token_selection import floor_count, random_select
 
 if TYPE_CHECKING:
     from ..pretrain import PretrainModel
@@ -70,11 +69,6 @@ class StepTensors(NamedTuple):
     terms: dict[str, Tensor]
     stats: dict[str, Tensor]
     details: dict[str, Tensor]
-
-
-def floor_count(num_patches: int, ratio: float) -> int:
-    """floor(N * ratio), robust to float error (196 * 0.15 = 29.4 must not floor to 29 vs 28)."""
-    return math.floor(num_patches * ratio + 1e-9)
 
 
 def check_ratio(section: str, key: str, value: float, *, closed_top: bool = False) -> None:

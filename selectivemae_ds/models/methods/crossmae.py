@@ -17,7 +17,8 @@ from torch import Tensor
 from selectivemae_ds.errors import ConfigError
 
 from ..config import ENCODER_PRESETS, ModelConfig
-from .base import MethodSpec, check_ratio, floor_count
+from ..token_selection import floor_count
+from .base import MethodSpec, check_ratio
 from .registry import register
 
 

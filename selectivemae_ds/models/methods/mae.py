@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MethodSpec, check_ratio, floor_count
+from ..token_selection import floor_count
+from .base import MethodSpec, check_ratio
 from .registry import register
 
 
