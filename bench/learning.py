@@ -88,7 +88,7 @@ def flops_per_image(method: str) -> float:
     cfg = load_config(REPO / "configs" / "demo.toml", [f"data.path={REPO}", f"model.method={method}", *MODEL_SETS])
     from selectivemae_ds.models import flops_per_image as fpi
 
-    return float(fpi(cfg.model, cfg.masking))
+    return float(fpi(cfg.model, cfg.method_cfg))
 
 
 def pretrain(work: Path, data: Path, method: str, run_dir: Path, steps: int, lr: float, batch: int,

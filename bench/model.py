@@ -1,19 +1,19 @@
-"""SelectiveMAE vs MAE vs CrossMAE training throughput, in one run.
+"""Training throughput of every registered method (SelectiveMAE, MAE, CrossMAE, ...), in one run.
 
     .venv/bin/python bench/model.py                      # CPU fp32, ViT-S and ViT-B
     .venv/bin/python bench/model.py --gpu-sizes small base large   # + CUDA bf16 when present
 
-Per (device, size) the three models are built once and timed in interleaved
+Per (device, size) every method's model is built once and timed in interleaved
 rounds (sm, mae, cross, sm, mae, cross, ...); each keeps its fastest round
 (by wall time; the round's process CPU time is reported with it).
 On a machine shared with other jobs this spreads the interference evenly
 over the methods instead of penalizing whichever ran during a busy spell.
 
 Prints one JSON object: every record of `smae-bench model` (img/s, step and
-selection time, FLOPs), and per (device, size) the throughput ratios
-selectivemae/mae and crossmae/mae and the share of the selectivemae step
-spent in HOG + PSTS. GPU targets (issue 4): selectivemae >= 3x mae at ViT-B,
->= 3.5x at ViT-L; HOG + PSTS <= 5% of the step.
+selection time, FLOPs), and per (device, size) every method's throughput over
+mae's (`<method>/mae`, from wall and from CPU time) and each method's selection
+share of its step (`<method>_select_share`). GPU targets (issue 4): selectivemae
+>= 3x mae at ViT-B, >= 3.5x at ViT-L; HOG + PSTS <= 5% of the step.
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from selectivemae_ds.benchmark.model import ModelBench  # noqa: E402
-from selectivemae_ds.models.config import METHODS  # noqa: E402
+from selectivemae_ds.models import method_names  # noqa: E402
 
 
 def bench_size(
     size: str, batch: int, steps: int, rounds: int, warmup: int, device: str, dtype: str
 ) -> list[dict[str, Any]]:
     """All methods at one size: interleaved rounds, fastest round per method."""
-    benches = [ModelBench(method, size, batch, device=device, dtype=dtype) for method in METHODS]
+    benches = [ModelBench(method, size, batch, device=device, dtype=dtype) for method in method_names()]
     for bench in benches:
         for _ in range(warmup):
             bench.step()
@@ -61,25 +61,23 @@ def bench_size(
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Ratios per '<device>/<dtype>/<size>' key."""
+    """Ratios per '<device>/<dtype>/<size>' key: every method's throughput over mae's, from
+    wall time and from process CPU time (steadier on a shared CPU), and each method's
+    selection share of the step."""
     out: dict[str, dict[str, float]] = {}
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for rec in records:
         groups.setdefault(f"{rec['device']}/{rec['dtype']}/{rec['size']}", {})[rec["method"]] = rec
     for key, by_method in groups.items():
-        mae = by_method["mae"]["img_per_s"]
-        out[key] = {
-            "selectivemae/mae": round(by_method["selectivemae"]["img_per_s"] / mae, 3),
-            "crossmae/mae": round(by_method["crossmae"]["img_per_s"] / mae, 3),
-            "psts_hog_share": by_method["selectivemae"]["select_share"],
-            # Same ratio from process CPU time: steadier on a shared CPU.
-            "selectivemae/mae_cpu_time": round(
-                by_method["mae"]["cpu_ms_per_img"] / by_method["selectivemae"]["cpu_ms_per_img"], 3
-            ),
-            "crossmae/mae_cpu_time": round(
-                by_method["mae"]["cpu_ms_per_img"] / by_method["crossmae"]["cpu_ms_per_img"], 3
-            ),
-        }
+        mae = by_method["mae"]
+        ratios: dict[str, float] = {}
+        for method, rec in by_method.items():
+            if rec is mae:  # the reference itself
+                continue
+            ratios[f"{method}/mae"] = round(rec["img_per_s"] / mae["img_per_s"], 3)
+            ratios[f"{method}/mae_cpu_time"] = round(mae["cpu_ms_per_img"] / rec["cpu_ms_per_img"], 3)
+        ratios.update({f"{m}_select_share": rec["select_share"] for m, rec in by_method.items()})
+        out[key] = ratios
     return out
 
 

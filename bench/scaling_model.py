@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model  # noqa: E402
+from selectivemae_ds.models import ModelConfig, build_model  # noqa: E402
 from selectivemae_ds.models.flops import flops_per_image  # noqa: E402
 
 GPUS_PER_NODE = 8
@@ -128,11 +128,11 @@ def bytes_per_step(stage: int, params: int, accum: int) -> dict[str, float]:
 
 def model_facts(method: str, size: str) -> dict[str, Any]:
     """Trainable parameters (model built on the meta device: no memory) and training FLOPs per image."""
-    model_cfg, masking = ModelConfig(method=method, size=size), MaskingConfig()
+    model_cfg = ModelConfig(method=method, size=size)
     with torch.device("meta"):
-        model = build_model(model_cfg, masking)
+        model = build_model(model_cfg)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": method, "size": size, "params": params, "flops_per_img": flops_per_image(model_cfg, masking)}
+    return {"method": method, "size": size, "params": params, "flops_per_img": flops_per_image(model_cfg)}
 
 
 def min_micro_batch(target: float, stage: int, params: int, nodes: int, flops_img: float, mfu: float,

@@ -4,7 +4,8 @@ Sections of the TOML map to dataclasses::
 
     run_dir = "runs/x"        # top-level key
     [model]      ModelConfig      (selectivemae_ds.models.config)
-    [masking]    MaskingConfig    (selectivemae_ds.models.config)
+    [<method>]   the config of model.method, e.g. [selectivemae] SelectiveMAEConfig
+                 (selectivemae_ds.models.methods; one section per registered method)
     [data]       DataConfig       (selectivemae_ds.data.config)
     [optim]      OptimConfig      (this module)
     [train]      TrainLoopConfig  (this module)
@@ -38,7 +39,8 @@ from selectivemae_ds.atomic import atomic_write_text
 from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.errors import ConfigError
-from selectivemae_ds.models.config import MaskingConfig, ModelConfig
+from selectivemae_ds.models.config import ModelConfig
+from selectivemae_ds.models.methods import get_spec, method_names
 
 RESOLVED_NAME = "config.toml"
 # Largest train.seed: TOML integers are signed 64-bit, and SeedSequence takes any value >= 0.
@@ -51,17 +53,19 @@ class OptimConfig:
 
     blr: float = 1.5e-4
     """Base learning rate (MAE rule): lr = blr * train.global_batch / 256, times
-    masking.decode_ratio / masking.mask_ratio for selectivemae when ``scale_by_decode`` is on."""
+    the method's ratio when ``scale_by_decode`` is on (see ``scale_by_decode``)."""
     lr: float = 0.0
     """Absolute peak learning rate; > 0 replaces the blr rule entirely."""
     scale_by_decode: bool = True
-    """Scale the selectivemae lr by decode_ratio / mask_ratio (0.25 / 0.85 in the paper)."""
+    """Scale the lr by the method's ratio: decode_ratio / mask_ratio for selectivemae
+    (paper: 0.25 / 0.85) and crossmae (its main_pretrain.py: 0.25 / 0.75); 1 for mae."""
     min_lr: float = 0.0
     """Floor of the cosine decay."""
     warmup_steps: int = -1
     """Linear warmup length in optimizer steps; -1 means use ``warmup_epochs``."""
     warmup_epochs: float = 40.0
-    """Linear warmup in epochs (paper: 40 of 800), converted to steps once."""
+    """Linear warmup in epochs, converted to steps once (MAE and CrossMAE: 40 of 800; the
+    SelectiveMAE paper: 60 of 800, its Table 9, set in its recipe configs)."""
     beta1: float = 0.9
     """AdamW beta1 (MAE: 0.9)."""
     beta2: float = 0.95
@@ -69,9 +73,13 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.05
-    """Decoupled weight decay on matrices; norms, biases and pos/cls/mask tokens get none."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping."""
+    """Decoupled weight decay on matrices (cls/mask tokens included, as MAE); norms and biases
+    get none (position tables are fixed buffers)."""
+    grad_clip: float | None = None
+    """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); 0 disables clipping; unset
+    (None) means the method's recipe: 0 for mae and crossmae (their code does not clip), 1.0
+    for selectivemae (a deviation from its public code, see docs/model.md). The resolved
+    config records the number."""
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending ``optim.*`` key."""
@@ -93,7 +101,7 @@ class OptimConfig:
             raise ConfigError(f"optim.eps: must be > 0, got {self.eps}")
         if self.weight_decay < 0.0:
             raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
-        if self.grad_clip < 0.0:
+        if self.grad_clip is not None and self.grad_clip < 0.0:
             raise ConfigError(f"optim.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
 
 
@@ -245,7 +253,8 @@ class TrainConfig:
     run_dir: str = ""
     """Output directory: resolved config, checkpoints/, tensorboard/, metrics.jsonl."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    method_cfg: Any = field(default_factory=lambda: get_spec(ModelConfig().method).default_config())
+    """The config of ``model.method`` (its own TOML section, named after the method)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
@@ -260,7 +269,7 @@ class TrainConfig:
         if not self.run_dir:
             raise ConfigError("run_dir: no output directory given")
         self.model.validate()
-        self.masking.validate(self.model.method, self.model.num_patches())
+        get_spec(self.model.method).validate(self.method_cfg, self.model)
         self.data.validate(check_path=check_paths)
         if self.data.img_size != self.model.img_size:
             raise ConfigError(
@@ -280,7 +289,6 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
-    "masking": MaskingConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "train": TrainLoopConfig,
@@ -359,34 +367,94 @@ def _parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+# Where each key of the old [masking] section went when it was split per method.
+LEGACY_MASKING: dict[str, tuple[str, ...]] = {
+    "mask_ratio": ("selectivemae.mask_ratio",),
+    "decode_ratio": ("selectivemae.decode_ratio", "crossmae.decode_ratio"),
+    "mae_mask_ratio": ("mae.mask_ratio", "crossmae.mask_ratio"),
+    "init_select": ("selectivemae.init_select",),
+    "temperature": ("selectivemae.init_temperature",),
+    "near_until": ("selectivemae.near_until",),
+    "far_until": ("selectivemae.far_until",),
+    "blend": ("selectivemae.blend",),
+    "hog_bins": ("selectivemae.hog_bins",),
+}
+
+
+def _legacy_masking(keys: list[str]) -> ConfigError:
+    """The error for keys of the removed [masking] section, saying what to write instead."""
+    renames = "; ".join(
+        f"masking.{k} -> {' or '.join(LEGACY_MASKING[k])}" if k in LEGACY_MASKING else f"masking.{k}: no longer exists"
+        for k in keys
+    )
+    return ConfigError(f"masking: the [masking] section was split into one section per method ([selectivemae], "
+                       f"[mae], [crossmae]); rename {renames}")
+
+
+def _method_name(table: dict[str, Any], overrides: list[tuple[str, str]]) -> str:
+    """model.method as the TOML and the overrides set it (the last override wins)."""
+    name = ModelConfig().method
+    model = table.get("model")
+    if isinstance(model, dict) and "method" in model:
+        name = _coerce("model.method", model["method"], str)
+    for key, value in overrides:
+        if key == "model.method":
+            name = value
+    return name
+
+
+def _section(cfg: TrainConfig, name: str, method: str, others: dict[str, Any]) -> Any:
+    """The dataclass a [name] table or `name.key` override goes into.
+
+    A section of a method other than ``model.method`` goes into ``others`` (checked,
+    not used), so one experiment file can carry settings for several methods.
+    """
+    if name in SECTIONS:
+        return getattr(cfg, name)
+    if name == method:
+        return cfg.method_cfg
+    return others.setdefault(name, get_spec(name).default_config())
+
+
 def build_config(table: dict[str, Any], overrides: list[str] | None = None, *,
                  check_paths: bool = True) -> TrainConfig:
     """Build and validate a TrainConfig from a parsed TOML table and ``--set`` overrides
     (``check_paths``: see :meth:`TrainConfig.validate`)."""
-    cfg = TrainConfig()
+    parsed = [_parse_override(text) for text in overrides or []]
+    method = _method_name(table, parsed)
+    cfg = TrainConfig(method_cfg=get_spec(method).default_config())
+    sections = (*SECTIONS, *method_names())
+    others: dict[str, Any] = {}
     user_keys: set[str] = set()
     for name, value in table.items():
         if name == "run_dir":
             cfg.run_dir = _coerce("run_dir", value, str)
-        elif name in SECTIONS:
+        elif name == "masking":
+            raise _legacy_masking(list(value) if isinstance(value, dict) else [])
+        elif name in sections:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: expected a [{name}] table, got {value!r}")
-            _apply(getattr(cfg, name), f"{name}.", value)
+            _apply(_section(cfg, name, method, others), f"{name}.", value)
             user_keys.update(f"{name}.{k}" for k in value)
         else:
-            raise ConfigError(f"{name}: unknown key (known: run_dir, {', '.join(SECTIONS)})")
-    for text in overrides or []:
-        key, value = _parse_override(text)
+            raise ConfigError(f"{name}: unknown key (known: run_dir, {', '.join(sections)})")
+    for key, value in parsed:
         if key == "run_dir":
             cfg.run_dir = value
             continue
         section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            raise ConfigError(f"{key}: unknown key (sections: run_dir, {', '.join(SECTIONS)})")
-        _apply(getattr(cfg, section), f"{section}.", {name: value})
+        if section == "masking":
+            raise _legacy_masking([name])
+        if section not in sections or not name:
+            raise ConfigError(f"{key}: unknown key (sections: run_dir, {', '.join(sections)})")
+        _apply(_section(cfg, section, method, others), f"{section}.", {name: value})
         user_keys.add(key)
     if "data.img_size" not in user_keys:
         cfg.data.img_size = cfg.model.img_size
+    for name, unused in others.items():
+        get_spec(name).check(unused)
+    if cfg.optim.grad_clip is None:
+        cfg.optim.grad_clip = get_spec(method).default_grad_clip
     cfg.validate(check_paths=check_paths)
     return cfg
 
@@ -437,7 +505,8 @@ def fixed_on_resume() -> tuple[str, ...]:
     declared; every other key (logging, lr, paths, run length) may change on resume.
     """
     keys: list[str] = []
-    for name, section in SECTIONS.items():
+    sections = {**SECTIONS, **{name: get_spec(name).config_cls for name in method_names()}}
+    for name, section in sections.items():
         for f in dataclasses.fields(section):
             mark = f.metadata.get("resume")
             if mark is None:
@@ -449,8 +518,18 @@ def fixed_on_resume() -> tuple[str, ...]:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as nested plain data (tuples become lists), ready for JSON or TOML."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """The config as nested plain data (tuples become lists), ready for JSON or TOML.
+
+    The method's config appears under the method's name, after ``model``, as in the TOML.
+    """
+    data = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    method_values = data.pop("method_cfg")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[key] = value
+        if key == "model":
+            out[cfg.model.method] = method_values
+    return out
 
 
 def resolve_steps(cfg: TrainConfig, dataset_len: int) -> TrainConfig:

@@ -29,10 +29,12 @@ REFUSED_KEYS = {"optimizer": "optim.* (AdamW is built from the TOML)",
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for matrices, none for norms, biases and the model's listed tokens.
+    """Two AdamW groups: decay for matrices, none for norms, biases and the model's listed names.
 
-    ``ndim <= 1`` covers every norm weight and bias; ``model.no_weight_decay()`` names
-    the tokens (cls, mask), which MAE also exempts.
+    ``ndim <= 1`` covers every norm weight and bias (timm's rule, which MAE, CrossMAE and
+    the public SelectiveMAE code use); ``model.no_weight_decay()`` names any further
+    exemptions of the method (none for the built-ins: their cls/mask tokens are decayed,
+    as in the reference code).
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay: list[nn.Parameter] = []

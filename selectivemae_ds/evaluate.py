@@ -371,7 +371,7 @@ def init_encoder(config_src: str | os.PathLike[str], overrides: list[str] | None
     cfg = load_config(path, [f"data.path={path.parent.resolve()}", *(overrides or [])])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, cfg.masking)
+        model = build_model(cfg.model, cfg.method_cfg)
     trainable = {name for name, param in model.encoder.named_parameters() if param.requires_grad}
     state = {}
     for k, v in model.encoder.state_dict().items():

@@ -35,7 +35,7 @@ from selectivemae_ds import checkpoint
 from selectivemae_ds.atomic import atomic_write_bytes, atomic_write_text, check_writable_dir
 from selectivemae_ds.errors import CheckpointError, ConfigError, run_cli
 from selectivemae_ds.config import load_resolved
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, timm_model_name
+from selectivemae_ds.models import ModelConfig, build_model, timm_model_name
 
 
 def resolve_tag(src: str | os.PathLike[str]) -> Path:
@@ -80,9 +80,10 @@ def load_fp32_state(tag: Path) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name))
 
 
-def _configs(client_state: dict[str, Any]) -> tuple[ModelConfig, MaskingConfig]:
+def _configs(client_state: dict[str, Any]) -> tuple[ModelConfig, Any]:
+    """(model config, method config) of a checkpoint, through the one resolved-config reader."""
     cfg = load_resolved(client_state.get("config"))
-    return cfg.model, cfg.masking
+    return cfg.model, cfg.method_cfg
 
 
 def check_against_timm(encoder_state: dict[str, torch.Tensor], name: str, img_size: int) -> None:
@@ -141,8 +142,8 @@ def export(src: str | os.PathLike[str], out: str | os.PathLike[str], force: bool
     out, sidecar = check_outputs(out, force)
     tag = resolve_tag(src)
     client = checkpoint.read_client_state(tag)
-    model_cfg, masking_cfg = _configs(client)
-    model = build_model(model_cfg, masking_cfg)
+    model_cfg, method_cfg = _configs(client)
+    model = build_model(model_cfg, method_cfg)
     full = load_fp32_state(tag)
     model.load_state_dict(full, strict=True)
     encoder = {k: v.detach().float().contiguous() for k, v in model.encoder.state_dict().items()}

@@ -105,5 +105,5 @@ def format_line(r: dict[str, Any]) -> str:
         f"step {r['step']}/{r['total_steps']} ep {r['epoch']:.2f} loss {_fmt(r['loss'], '.4f')} lr {r['lr']:.2e} "
         f"gnorm {_fmt(r['grad_norm'], '.3f')} img/s {r['img_per_s']:.1f} ({r['img_per_s_per_rank']:.1f}/rank) "
         f"wait {100 * r['data_wait']:.0f}% mfu {'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} "
-        f"psts {r['psts_stage']} nonfinite {r['nonfinite_steps']}"
+        + (f"psts {r['psts_stage']} " if "psts_stage" in r else "") + f"nonfinite {r['nonfinite_steps']}"
     )

@@ -8,21 +8,23 @@ from __future__ import annotations
 import math
 
 from selectivemae_ds.config import TrainConfig
+from selectivemae_ds.models.methods import get_spec
 
 
 def peak_lr(cfg: TrainConfig) -> float:
     """The peak learning rate of the paper's rule.
 
-    lr = blr * global_batch / 256 (MAE's linear scaling), and for SelectiveMAE also
-    times decode_ratio / mask_ratio (0.25 / 0.85): the loss covers only the decoded
-    fraction of the masked patches, so the paper lowers the lr in proportion.
-    ``optim.lr > 0`` replaces the rule.
+    lr = blr * global_batch / 256 (MAE's linear scaling), times the method's
+    ``lr_scale`` when ``optim.scale_by_decode`` is on: decode_ratio / mask_ratio for
+    SelectiveMAE (0.25 / 0.85, the paper) and CrossMAE (0.25 / 0.75, its
+    main_pretrain.py), 1 for MAE. The loss covers only the decoded fraction of the
+    masked patches, so the lr is lowered in proportion. ``optim.lr > 0`` replaces the rule.
     """
     if cfg.optim.lr > 0.0:
         return cfg.optim.lr
     lr = cfg.optim.blr * cfg.train.global_batch / 256.0
-    if cfg.optim.scale_by_decode and cfg.model.method == "selectivemae":
-        lr *= cfg.masking.decode_ratio / cfg.masking.mask_ratio
+    if cfg.optim.scale_by_decode:
+        lr *= get_spec(cfg.model.method).lr_scale(cfg.method_cfg)
     return lr
 
 
@@ -40,14 +42,6 @@ def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int, min_lr
 
 
 def progress_at(step: int, total_steps: int) -> float:
-    """Fraction of training done before ``step`` in [0, 1): drives the PSTS stage (near/far/random)."""
+    """Fraction of training done before ``step`` in [0, 1): drives e.g. the PSTS stage (near/far/random)."""
     return min(max(step / max(1, total_steps), 0.0), 1.0)
 
-
-def psts_stage(progress: float, near_until: float, far_until: float) -> str:
-    """The PSTS stage name at ``progress`` (for logs; the model applies the blend itself)."""
-    if progress < near_until:
-        return "near"
-    if progress < far_until:
-        return "far"
-    return "random"

@@ -41,7 +41,7 @@ from selectivemae_ds.engine import initialize, load_ds_json, merge_ds_config, se
 from selectivemae_ds.errors import RunError, run_cli
 from selectivemae_ds.locking import DirLock
 from selectivemae_ds.metrics import MetricsWriter, mfu, peak_tflops
-from selectivemae_ds.schedules import lr_at, peak_lr, progress_at, psts_stage
+from selectivemae_ds.schedules import lr_at, peak_lr, progress_at
 from selectivemae_ds.visualize import picture_grid
 
 
@@ -217,8 +217,11 @@ class Trainer:
             write_resolved(self.cfg, self.cfg.run_dir)
         # The same seed on every rank gives identical initial weights before DeepSpeed broadcasts.
         torch.manual_seed(self.cfg.train.seed)
-        model = build_model(self.cfg.model, self.cfg.masking)
+        model = build_model(self.cfg.model, self.cfg.method_cfg)
         self.flops_per_image = float(model.flops_per_image())
+        # What the method logs besides the loss: its loss terms and stats (averaged per step).
+        self.spec = model.spec
+        self.log_keys = tuple(f"loss_{t}" for t in self.spec.loss_terms) + self.spec.logged_stats
         self.patch = self.cfg.model.resolved_patch_size()
         self.engine = initialize(model, self.cfg, ds_config, self.device)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
@@ -302,12 +305,13 @@ class Trainer:
             wait = time.perf_counter() - t
             yield imgs.to(self.dtype, non_blocking=True), wait
 
-    def train_step(self) -> tuple[float, float, bool, float, torch.Tensor, bool]:
+    def train_step(self) -> tuple[float, dict[str, float], bool, float, torch.Tensor, bool]:
         """One optimizer step.
 
-        Returns (global mean loss, mean PSTS stage id the model used (0 near, 1 far,
-        2 random), step applied, data-wait seconds, last micro-batch, stop: some rank
-        was asked to stop before this step's all_reduce).
+        Returns (global mean loss, the method's logged values averaged over micro-batches
+        and ranks (``self.log_keys``: its loss terms and stats, e.g. selectivemae's
+        ``psts_stage_id``), step applied, data-wait seconds, last micro-batch, stop: some
+        rank was asked to stop before this step's all_reduce).
 
         No host sync inside the micro-step loop; the single sync is the ``tolist()`` of
         the all-reduced [loss, non-finite count, stage, stop requests] after the step.
@@ -325,7 +329,7 @@ class Trainer:
             if self.step in cfg.debug.nonfinite_grad_at else None
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         bad = torch.zeros((), device=self.device, dtype=torch.float32)
-        stage_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        logged_sum = torch.zeros(len(self.log_keys), device=self.device, dtype=torch.float32)
         wait = 0.0
         imgs = torch.empty(0)
         timeout = cfg.train.collective_timeout_s
@@ -340,7 +344,9 @@ class Trainer:
                     # InfoBatch: kept well-learned records count 1 / (1 - ratio); their losses become scores.
                     loss = self.infobatch.weighted_loss(out.per_sample_loss, self.pipeline.last_weights)
                     per_sample.append(out.per_sample_loss.detach())
-                stage_sum += out.stats["stage"].float()
+                if self.log_keys:
+                    logged_sum += torch.stack([*(out.terms[t] for t in self.spec.loss_terms),
+                                               *(out.stats[k] for k in self.spec.logged_stats)]).detach().float()
                 if inject:
                     loss = loss * poison
                 # Accumulated on the device: reading the flag now would sync every micro-step.
@@ -358,18 +364,19 @@ class Trainer:
         # The stop flag rides on the step's one all_reduce: every rank sees the same sum and
         # so stops after the same step, with no collective of its own.
         asked = float(self.stop.poll() != 0)
-        packed = torch.stack([loss_sum / self.accum, bad, stage_sum / self.accum,
-                              torch.tensor(asked, device=self.device)])
+        packed = torch.cat([torch.stack([loss_sum / self.accum, bad, torch.tensor(asked, device=self.device)]),
+                            logged_sum / self.accum])
         with collective("the step's all_reduce of loss, non-finite and stop flags", self.rank, self.step, timeout):
             dist.all_reduce(packed)
-            loss_mean, n_bad, stage_mean, n_stop = packed.tolist()  # HOST SYNC: the one per optimizer step
+            loss_mean, n_bad, n_stop, *logged_means = packed.tolist()  # HOST SYNC: the one per optimizer step
         applied = bool(self.engine.was_step_applied())
         if n_bad > 0 and applied:
             raise RuntimeError(
                 f"step {self.step}: the loss was not finite on some rank but DeepSpeed applied the update; "
                 "the DeepSpeed config must keep ZeRO's overflow check (zero stage >= 1, bf16.check_grad_overflow)"
             )
-        return loss_mean / self.world, stage_mean / self.world, applied, wait, imgs, n_stop > 0
+        logged = {k: v / self.world for k, v in zip(self.log_keys, logged_means)}
+        return loss_mean / self.world, logged, applied, wait, imgs, n_stop > 0
 
     def _rollback_or_stop(self, consecutive: int) -> None:
         """K consecutive non-finite steps: reload the last complete checkpoint once, then stop."""
@@ -412,10 +419,10 @@ class Trainer:
         consecutive = 0
         window_t, window_wait, window_steps = 0.0, 0.0, 0
         losses: list[float] = []
-        stages: list[float] = []
+        logged: list[dict[str, float]] = []
         while self._position() < self.total:
             t0 = time.perf_counter()
-            loss, stage, applied, wait, imgs, stop = self.train_step()
+            loss, values, applied, wait, imgs, stop = self.train_step()
             elapsed = time.perf_counter() - t0
             ok = applied and np.isfinite(loss)
             consecutive = 0 if ok else consecutive + 1
@@ -424,7 +431,7 @@ class Trainer:
             window_t += elapsed
             window_wait += wait
             window_steps += 1
-            stages.append(stage)
+            logged.append(values)
             if ok:
                 losses.append(loss)
             if not ok and consecutive >= cfg.train.max_nonfinite and not stop:
@@ -432,9 +439,9 @@ class Trainer:
                 consecutive = 0
                 continue
             if self.step % cfg.train.log_every == 0 or self._position() >= self.total:
-                self._log(losses, stages, window_t, window_wait, window_steps, peak_flops)
+                self._log(losses, logged, window_t, window_wait, window_steps, peak_flops)
                 window_t, window_wait, window_steps = 0.0, 0.0, 0
-                losses, stages = [], []
+                losses, logged = [], []
             if cfg.train.picture_every and self.step % cfg.train.picture_every == 0:
                 self._picture(imgs)
             due = (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or \
@@ -468,9 +475,15 @@ class Trainer:
             self.metrics.event({"event": "stop", "step": self.step, "reason": reason,
                                 "checkpoint": str(newest) if newest else None})
 
-    def _log(self, losses: list[float], stages: list[float], window_t: float, window_wait: float, window_steps: int,
-             peak_flops: float | None) -> None:
-        """One log record on rank 0 from host numbers already at hand."""
+    def _log(self, losses: list[float], logged: list[dict[str, float]], window_t: float, window_wait: float,
+             window_steps: int, peak_flops: float | None) -> None:
+        """One log record on rank 0 from host numbers already at hand.
+
+        Besides the common fields, the method's spec adds its own: ``log_fields`` (host
+        values at this progress, e.g. selectivemae's scheduled ``psts_stage``) and the
+        window means of its loss terms and stats (e.g. ``psts_stage_id``, the mean stage
+        id the model used: fractional inside a blend window).
+        """
         if self.metrics is None:
             return
         cfg = self.cfg
@@ -496,10 +509,8 @@ class Trainer:
             "data_wait": window_wait / max(window_t, 1e-9),
             "mfu": mfu(img_s, self.flops_per_image, self.world, peak_flops),
             "progress": progress,
-            "psts_stage": psts_stage(progress, cfg.masking.near_until, cfg.masking.far_until)
-            if cfg.model.method == "selectivemae" else "random",
-            # What the model did: mean stage id over the window (fractional inside a blend window).
-            "psts_stage_id": float(np.mean(stages)),
+            **self.spec.log_fields(cfg.method_cfg, progress),
+            **{k: float(np.mean([v[k] for v in logged])) for k in self.log_keys},
             "nonfinite_steps": self.nonfinite_total,
             "substituted": self.pipeline.substituted,
         })

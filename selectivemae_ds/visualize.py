@@ -10,7 +10,9 @@ and some images:
 Columns, one row per image: the input; the HOG score of every patch (white = high,
 the score PSTS ranks patches by); the visible patches (others gray); the
 reconstruction targets; the reconstruction (visible patches plus the decoder's
-predictions pasted into the target positions, un-normalized per patch).
+predictions pasted into the target positions, un-normalized per patch); then one
+column per ``panel_<name>`` entry a method adds to its details (a whole-image
+prediction, e.g. a second branch's).
 """
 from __future__ import annotations
 
@@ -31,11 +33,6 @@ from selectivemae_ds.errors import ConfigError, DataError, run_cli
 COLUMNS = ("input", "hog", "visible", "targets", "reconstruction")
 
 
-def _gather_patches(x: Tensor, idx: Tensor) -> Tensor:
-    """x: (B, N, D), idx: (B, K) -> (B, K, D)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def _paste(base: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     """Copy of base (B, N, D) with rows idx (B, K) replaced by src (B, K, D)."""
     out = base.clone()
@@ -44,13 +41,14 @@ def _paste(base: Tensor, idx: Tensor, src: Tensor) -> Tensor:
 
 
 def picture_grid(imgs: Tensor, details: dict[str, Tensor], patch: int, max_images: int = 4) -> Tensor:
-    """The grid as one (3, rows*S, 5*S) float image in [0, 1], on the CPU.
+    """The grid as one (3, rows*S, (5 + E)*S) float image in [0, 1], on the CPU.
 
     imgs: (B, 3, S, S) ImageNet-normalized; details: ``PretrainModel.forward_details``
     (``hog`` (B, N), ``visible_idx`` (B, V), ``target_idx`` (B, T), ``pred_pixels``
-    (B, T, p*p*3) in the input's normalized space).
+    (B, T, p*p*3) in the input's normalized space, and E optional ``panel_<name>``
+    (B, N, p*p*3) whole-image predictions in the same space, drawn in key order).
     """
-    from selectivemae_ds.models import patchify, unpatchify
+    from selectivemae_ds.models import gather_tokens, patchify, unpatchify
 
     imgs = imgs[:max_images].float()
     b, _, s, _ = imgs.shape
@@ -67,17 +65,19 @@ def picture_grid(imgs: Tensor, details: dict[str, Tensor], patch: int, max_image
     tgt = details["target_idx"][:b].long()
     pred = patchify(rgb(unpatchify(_paste(patchify(imgs, patch), tgt, details["pred_pixels"][:b].float()),
                                    patch, g, g)), patch)
-    visible = _paste(blank, vis, _gather_patches(x, vis))
-    targets = _paste(blank, tgt, _gather_patches(x, tgt))
-    recon = _paste(visible, tgt, _gather_patches(pred, tgt))
+    visible = _paste(blank, vis, gather_tokens(x, vis))
+    targets = _paste(blank, tgt, gather_tokens(x, tgt))
+    recon = _paste(visible, tgt, gather_tokens(pred, tgt))
 
     hog = details["hog"][:b].float()
     lo, hi = hog.min(dim=1, keepdim=True).values, hog.max(dim=1, keepdim=True).values
     hog = (hog - lo) / (hi - lo).clamp_min(1e-12)  # per image: the ranking is what PSTS uses
     hog_map = hog.view(b, 1, g, g).repeat_interleave(patch, 2).repeat_interleave(patch, 3).expand(b, 3, s, s)
 
+    extra = [details[k][:b].float() for k in sorted(details) if k.startswith("panel_")]
     panels = [rgb(imgs), hog_map] + [unpatchify(p, patch, g, g) for p in (visible, targets, recon)]
-    rows = torch.cat(panels, dim=3)  # (B, 3, S, 5S)
+    panels += [rgb(unpatchify(p, patch, g, g)) for p in extra]
+    rows = torch.cat(panels, dim=3)  # (B, 3, S, (5 + E) S)
     # HOST SYNC: pictures only (every picture_every steps, or the CLI).
     return torch.cat(list(rows), dim=1).cpu()
 
@@ -146,7 +146,7 @@ def _main(argv: list[str] | None) -> int:
     tag = resolve_tag(args.src)
     client = checkpoint.read_client_state(tag)
     config = load_resolved(client["config"])
-    model = build_model(config.model, config.masking)
+    model = build_model(config.model, config.method_cfg)
     model.load_state_dict(load_fp32_state(tag), strict=True)
     progress = args.progress
     if progress is None:

@@ -16,17 +16,18 @@ import torch
 from safetensors.torch import load, load_file
 
 from selectivemae_ds import checkpoint, export
-from selectivemae_ds.config import config_to_dict, load_config
+from selectivemae_ds.config import config_to_dict, load_config, load_resolved
 from selectivemae_ds.errors import EXIT_CHECKPOINT, EXIT_CONFIG
 from selectivemae_ds.evaluate import load_images
 from selectivemae_ds.export import load_fp32_state, main
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
+from selectivemae_ds.models import ModelConfig, build_model
 from tests.shard_fixtures import source_images
 
 
 def _ours(tag: Path) -> torch.nn.Module:
     config = checkpoint.read_client_state(tag)["config"]
-    model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config["masking"]))
+    cfg = load_resolved(config)
+    model = build_model(cfg.model, cfg.method_cfg)
     model.load_state_dict(load_fp32_state(tag), strict=True)
     return model.eval()
 
@@ -51,7 +52,7 @@ def test_export_loads_strictly_into_timm_with_equal_features(tmp_path, straight_
         got = timm_model.forward_features(imgs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The exported weights are the trained ones, not a fresh initialisation.
-    fresh = build_model(ModelConfig(size="tiny", img_size=64), MaskingConfig()).encoder.state_dict()
+    fresh = build_model(ModelConfig(size="tiny", img_size=64)).encoder.state_dict()
     assert not torch.equal(load_file(out)["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
 
 
@@ -93,7 +94,7 @@ def universal_tag(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fake_run")
     cfg = load_config(REPO / "configs" / "demo.toml", [f"data.path={root}"])
     config = config_to_dict(cfg)
-    model = build_model(ModelConfig(**config["model"]), MaskingConfig(**config["masking"]))
+    model = build_model(cfg.model, cfg.method_cfg)
     tag = root / "checkpoints" / ("step_00000003" + checkpoint.UNIVERSAL_SUFFIX)
     for name, param in model.named_parameters():
         (tag / "zero" / name).mkdir(parents=True)

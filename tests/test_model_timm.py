@@ -9,13 +9,13 @@ import timm
 import torch
 from PIL import Image
 
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, timm_model_name
+from selectivemae_ds.models import ModelConfig, build_model, timm_model_name
 from selectivemae_ds.models.vit import ViTEncoder
 
 
 def test_tiny_encoder_loads_strictly_into_timm_with_identical_features(assets_dir: Path) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(size="tiny", img_size=96, decoder_depth=1, decoder_dim=64), MaskingConfig())
+    model = build_model(ModelConfig(size="tiny", img_size=96, decoder_depth=1, decoder_dim=64))
     model.eval()
     reference = timm.create_model(timm_model_name(model.model_cfg), pretrained=False, num_classes=0, img_size=96)
     reference.eval()

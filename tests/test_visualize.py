@@ -8,15 +8,14 @@ from PIL import Image
 from selectivemae_ds.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from selectivemae_ds.errors import EXIT_CONFIG, EXIT_DATA
 from selectivemae_ds.evaluate import load_images
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model, patchify
+from selectivemae_ds.models import ModelConfig, build_model, patchify
 from selectivemae_ds.visualize import build_parser, main, picture_grid
 from tests.shard_fixtures import source_images
 
 
 def test_grid_panels_show_input_hog_visible_and_targets(assets_dir):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(size="tiny", img_size=64, decoder_depth=1, decoder_dim=64, decoder_heads=2),
-                        MaskingConfig()).eval()
+    model = build_model(ModelConfig(size="tiny", img_size=64, decoder_depth=1, decoder_dim=64, decoder_heads=2)).eval()
     imgs = load_images(source_images(assets_dir)[:3], 64, center_crop=True)
     with torch.no_grad():
         details = model.forward_details(imgs, 0.1)

@@ -175,11 +175,11 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
             wait_s: list[float] = []
             losses: list[float] = []
             applied = 0
-            stage = 0.0
+            logged: dict[str, float] = {}
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 # train_step ends in the host sync of the all-reduced loss: the step is finished here.
-                loss, stage, ok, waited, _last = trainer.train_step()
+                loss, logged, ok, waited, _last = trainer.train_step()
                 step_s.append(time.perf_counter() - t0)
                 wait_s.append(waited)
                 losses.append(loss)
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
                 "achieved_tflops": round(img_s * trainer.flops_per_image / 1e12, 4),
                 "loss_finite": all(math.isfinite(x) for x in losses),
                 "steps_applied": applied,
-                "psts_stage_id": stage,
+                **logged,  # the method's logged values of the last step (e.g. psts_stage_id)
                 "progress": round(progress, 4),
                 "device": device_name(trainer.device),
                 "device_type": trainer.device.type,

@@ -21,11 +21,8 @@ import torch
 
 from selectivemae_ds.errors import ConfigError, run_cli
 from selectivemae_ds.metrics import mfu, peak_tflops
-from selectivemae_ds.models import MaskingConfig, ModelConfig, build_model
-from selectivemae_ds.models.config import METHODS
+from selectivemae_ds.models import ModelConfig, build_model, method_names
 from selectivemae_ds.models.vit import flash_attn_available
-from selectivemae_ds.models.selective_mae import PretrainModel
-from selectivemae_ds.models.token_selection import hog_patch_scores, psts_select, random_select
 
 BENCH_SIZES = ("tiny", "small", "base", "large", "huge")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,19 +83,6 @@ def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def select_only(model: PretrainModel, imgs: torch.Tensor, patches: torch.Tensor, progress: float) -> None:
-    """The token selection of one step, as `PretrainModel.select` runs it.
-
-    imgs: (B, 3, H, W); patches: (B, N, D) patch embeddings, computed outside
-    the timing because every method embeds the patches anyway.
-    """
-    if model.method == "selectivemae":
-        scores = hog_patch_scores(imgs, model.patch_size, model.masking_cfg.hog_bins)
-        psts_select(scores, patches, progress, model.masking_cfg)
-    else:
-        random_select(imgs.shape[0], model.num_patches, model.num_visible, model.num_targets, imgs.device)
-
-
 def timed(fn: Any, iters: int, device: torch.device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) per call of fn() over `iters` calls.
 
@@ -143,7 +127,7 @@ class ModelBench:
             torch.cuda.reset_peak_memory_stats(self.device)
         torch.manual_seed(seed)
         model_cfg = ModelConfig(method=method, size=size, img_size=img_size, attn_impl=attn_impl)
-        self.model = build_model(model_cfg, MaskingConfig()).to(self.device)
+        self.model = build_model(model_cfg).to(self.device)
         self.model.train()
         # Fused AdamW on CUDA: one kernel for all parameters.
         self.optim = torch.optim.AdamW(
@@ -163,9 +147,12 @@ class ModelBench:
         self.optim.step()
 
     def select(self) -> None:
-        """The token selection alone (HOG + PSTS, or random masking)."""
+        """The method's token selection alone (HOG + PSTS, or random masking), as the step runs it.
+
+        The patch embeddings are computed outside the timing: every method embeds them anyway.
+        """
         with autocast_ctx(self.device, self.dtype), torch.no_grad():
-            select_only(self.model, self.imgs, self.patches, self.progress)
+            self.model.spec.select(self.model, self.imgs, self.patches, self.progress)
 
     def time_steps(self, steps: int) -> tuple[float, float]:
         """(wall, CPU) seconds per training step over `steps` steps."""
@@ -239,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smae-bench model",
         description="fwd+bwd+AdamW steps on synthetic images; prints one JSON line.",
     )
-    parser.add_argument("--method", choices=METHODS, default="selectivemae", help="pretraining method")
+    parser.add_argument("--method", choices=method_names(), default="selectivemae",
+                        help="pretraining method (a registered name)")
     parser.add_argument("--size", choices=BENCH_SIZES, default="base", help="encoder size")
     parser.add_argument("--batch", type=int, default=32, help="images per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")

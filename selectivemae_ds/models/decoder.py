@@ -18,12 +18,8 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .patches import gather_tokens
 from .vit import FlashSelfAttention, _layer_norm_1e6, attention, init_mae_weights, require_flash_attn, sincos_2d_table
-
-
-def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """x: (B, N, C), idx: (B, K) int64 -> (B, K, C)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class CrossAttention(nn.Module):
@@ -114,6 +110,7 @@ class CrossAttentionDecoder(_DecoderBase):
         patch_size: int,
         self_attn: bool = False,
         attn_impl: str = "sdpa",
+        fuse_layers: int = 0,
     ) -> None:
         super().__init__(encoder_dim, dim, grid, patch_size)
         use_flash = attn_impl == "flash"
@@ -122,17 +119,34 @@ class CrossAttentionDecoder(_DecoderBase):
         self.blocks = nn.ModuleList(
             [CrossAttentionBlock(dim, num_heads, self_attn=self_attn, use_flash=use_flash) for _ in range(depth)]
         )
+        # CrossMAE's feature fusion: block j reads sum_k w[j, k] * layer_k of the encoder.
+        self.fuse = nn.Linear(fuse_layers, depth, bias=False) if fuse_layers > 0 else None
         self.reset_parameters()
 
+    def reset_parameters(self) -> None:
+        """MAE init; the fusion weights ~ N(0, 1/K) as CrossMAE."""
+        super().reset_parameters()
+        if self.fuse is not None:
+            nn.init.normal_(self.fuse.weight, std=self.fuse.in_features**-0.5)
+
     def forward(self, latent: Tensor, visible_idx: Tensor, target_idx: Tensor) -> Tensor:
-        """latent: (B, 1+V, De), visible_idx: (B, V), target_idx: (B, T) -> (B, T, p*p*3)."""
-        memory = self.decoder_embed(latent)
-        pos = self.pos_embed.to(memory.dtype)
-        patch_pos = pos[:, 1:, :].expand(latent.shape[0], -1, -1)
-        mem_pos = torch.cat([pos[:, :1, :].expand(latent.shape[0], -1, -1), gather_tokens(patch_pos, visible_idx)], 1)
-        memory = memory + mem_pos
-        x = self.mask_token.to(memory.dtype) + gather_tokens(patch_pos, target_idx)
-        for block in self.blocks:
+        """latent: (B, 1+V, De), or (B, 1+V, De, K) encoder layers with fusion;
+        visible_idx: (B, V), target_idx: (B, T) -> (B, T, p*p*3)."""
+        b = latent.shape[0]
+        if self.fuse is None:
+            embedded = self.decoder_embed(latent)  # (B, M, C): one memory for every block
+        else:
+            # (B, M, De, K) -> one mix per block (B, M, depth, De) -> decoder width (B, M, depth, C).
+            embedded = self.decoder_embed(self.fuse(latent).transpose(-1, -2))
+        pos = self.pos_embed.to(embedded.dtype)
+        patch_pos = pos[:, 1:, :].expand(b, -1, -1)
+        mem_pos = torch.cat([pos[:, :1, :].expand(b, -1, -1), gather_tokens(patch_pos, visible_idx)], 1)
+        if self.fuse is None:
+            memories = [embedded + mem_pos] * len(self.blocks)
+        else:
+            memories = [embedded[:, :, j] + mem_pos for j in range(len(self.blocks))]
+        x = self.mask_token.to(embedded.dtype) + gather_tokens(patch_pos, target_idx)
+        for block, memory in zip(self.blocks, memories):
             x = block(x, memory)
         return self.pred(self.norm(x))
 

@@ -9,13 +9,16 @@ Counting rule (the usual one for MFU, e.g. PaLM/Megatron):
 - not counted: LayerNorm, softmax, GELU, residual adds, the HOG scores and
   PSTS selection, the loss, the optimizer. They are memory-bound and small;
   leaving them out makes MFU slightly conservative.
-Token counts follow the implementation: the encoder sees 1 + V tokens (cls +
-visible), a cross-attention decoder runs T queries over 1 + V memory tokens,
-MAE's decoder runs 1 + N tokens and its head only the T targets.
+Each method's spec counts its own step (`MethodSpec.forward_flops`) from the
+block counts below; token counts follow the implementation: the encoder sees
+1 + V tokens (cls + visible), a cross-attention decoder runs T queries over
+1 + V memory tokens, MAE's decoder runs 1 + N tokens and its head only the T targets.
 """
 from __future__ import annotations
 
-from .config import ENCODER_PRESETS, MaskingConfig, ModelConfig
+from typing import Any
+
+from .config import ModelConfig
 
 
 def encoder_forward_flops(dim: int, depth: int, tokens: int) -> float:
@@ -39,27 +42,17 @@ def cross_decoder_forward_flops(dim: int, depth: int, queries: int, memory: int,
     return depth * per_block
 
 
-def forward_flops_per_image(model_cfg: ModelConfig, masking_cfg: MaskingConfig) -> float:
-    """Forward matmul FLOPs for one image (see the module docstring for the rule)."""
-    dim, depth, _heads, _patch = ENCODER_PRESETS[model_cfg.size]
-    patch = model_cfg.resolved_patch_size()
-    n = model_cfg.num_patches()
-    visible, targets = masking_cfg.counts(model_cfg.method, n)
-    dec_dim = model_cfg.decoder_dim
-    dec_depth = model_cfg.resolved_decoder_depth()
-    pixels = patch * patch * 3
+def forward_flops_per_image(model_cfg: ModelConfig, method_cfg: Any = None) -> float:
+    """Forward matmul FLOPs for one image: the method spec's count (rule in the module docstring).
 
-    flops = 2.0 * n * pixels * dim  # patch embedding (all N patches)
-    flops += encoder_forward_flops(dim, depth, 1 + visible)
-    flops += 2.0 * (1 + visible) * dim * dec_dim  # decoder_embed
-    if model_cfg.method == "mae":
-        flops += encoder_forward_flops(dec_dim, dec_depth, 1 + n)
-    else:
-        flops += cross_decoder_forward_flops(dec_dim, dec_depth, targets, 1 + visible, model_cfg.decoder_self_attn)
-    flops += 2.0 * targets * dec_dim * pixels  # pixel head on the targets
-    return flops
+    method_cfg: the method's config (None = its defaults).
+    """
+    from .methods import get_spec
+
+    spec = get_spec(model_cfg.method)
+    return spec.forward_flops(spec.default_config() if method_cfg is None else method_cfg, model_cfg)
 
 
-def flops_per_image(model_cfg: ModelConfig, masking_cfg: MaskingConfig) -> float:
+def flops_per_image(model_cfg: ModelConfig, method_cfg: Any = None) -> float:
     """Training FLOPs per image: 3 x `forward_flops_per_image` (fwd + bwd)."""
-    return 3.0 * forward_flops_per_image(model_cfg, masking_cfg)
+    return 3.0 * forward_flops_per_image(model_cfg, method_cfg)

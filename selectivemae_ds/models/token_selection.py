@@ -5,28 +5,35 @@ loop over samples, no `.item()`/`.cpu()`/`nonzero`, so a training step never
 waits for the host. The only Python loops run over constants (9 orientation
 bins, 2 expansion sub-steps).
 
-PSTS (progressive semantic token selection), per image with N patches:
+PSTS (progressive semantic token selection), per image with N patches (the
+options are `SelectiveMAEConfig` fields; docs/model.md gives their sources):
 1. `hog_patch_scores`: each patch's HOG gradient energy.
-2. Initial set of K0 = floor(N(1-m)/2) patches by score (top-k, or sampled
-   without replacement from softmax(standardized score / T) by Gumbel top-k).
+2. Initial set of K0 = floor(N(1-m)/2) patches picked by score (`init_select`:
+   top-k, sampled from softmax(standardized score / T) by Gumbel top-k, or uniform).
 3. Expansion to V = floor(N(1-m)) patches in two sub-steps. Each sub-step
-   ranks the remaining patches by their mean cosine similarity to the selected
-   set (patch embeddings, detached) and, per sample, takes the most similar
-   (stage `near`), the least similar (`far`) or random ones (`random`).
+   ranks the remaining patches by their cosine similarity to the selected set
+   (patch embeddings, detached, plus positions with `with_pos`) and, per sample,
+   takes the nearest (stage `near`), the farthest (`far`) or random ones
+   (`random`). `similarity` says how a patch's similarity to a SET is measured:
+   `paper` (its nearest selected patch for near, its farthest for far), `max`
+   (its nearest selected patch for both, as the public code) or `mean`.
    The stage of every sample is drawn from `stage_weights(progress)`, so the
    blend windows mix stages across samples of one batch (the public code
    applied one sample's mask to the whole batch).
-4. Targets: the T = floor(N r) highest-scoring non-visible patches.
+4. Targets: T = floor(N r) non-visible patches picked by score (`target_select`,
+   the same three rules as the initial set).
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import MaskingConfig
+if TYPE_CHECKING:
+    from .methods.selectivemae import SelectiveMAEConfig
 
 STAGE_NEAR = 0
 STAGE_FAR = 1
@@ -98,7 +105,7 @@ def hog_patch_scores(imgs: Tensor, patch: int, bins: int = 9) -> Tensor:
     return torch.linalg.vector_norm(hog_histograms(imgs, patch, bins), dim=-1)
 
 
-def stage_weights(progress: float | Tensor, cfg: MaskingConfig, device: torch.device | None = None) -> Tensor:
+def stage_weights(progress: float | Tensor, cfg: SelectiveMAEConfig, device: torch.device | None = None) -> Tensor:
     """Mix of the expansion stages at a training progress. -> (3,) float32 [near, far, random].
 
     progress in [0, 1] is the fraction of total steps done (float or 0-dim
@@ -133,37 +140,95 @@ def sample_stages(weights: Tensor, batch: int, generator: torch.Generator | None
     return (u >= weights[0]).long() + (u >= weights[0] + weights[1]).long()
 
 
-def gumbel_topk(logits: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-    """Sample k indices per row without replacement from softmax(logits). (B, N) -> (B, k)."""
-    u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-20, 1.0)
-    return (logits - torch.log(-torch.log(u))).topk(k, dim=1).indices
+def floor_count(num_patches: int, ratio: float) -> int:
+    """floor(N * ratio), robust to float error (196 * 0.15 = 29.4 must not floor to 29 vs 28)."""
+    return math.floor(num_patches * ratio + 1e-9)
 
 
-def psts_counts(num_patches: int, cfg: MaskingConfig) -> tuple[int, int, int, int]:
+def psts_counts(num_patches: int, cfg: SelectiveMAEConfig) -> tuple[int, int, int, int]:
     """(initial, first expansion, second expansion, targets) for N patches.
 
-    initial = max(1, floor(N(1-m)/2)); the expansions split V - initial as
-    ceil/floor halves; targets = floor(N r).
+    visible V = floor(N(1-m)); initial = max(1, floor(N(1-m)/2)); the expansions
+    split V - initial as ceil/floor halves; targets = floor(N r).
     """
-    visible, targets = cfg.counts("selectivemae", num_patches)
-    initial = min(visible, max(1, math.floor(num_patches * (1.0 - cfg.mask_ratio) / 2.0 + 1e-9)))
+    visible = floor_count(num_patches, 1.0 - cfg.mask_ratio)
+    targets = floor_count(num_patches, cfg.decode_ratio)
+    initial = min(visible, max(1, floor_count(num_patches, (1.0 - cfg.mask_ratio) / 2.0)))
     rest = visible - initial
     return initial, (rest + 1) // 2, rest // 2, targets
+
+
+def pick_by_score(
+    scores: Tensor,
+    k: int,
+    rule: str,
+    temperature: float,
+    exclude: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """k indices per row by `rule`, never from `exclude`. scores: (B, N); exclude: (B, N) bool.
+
+    `topk`: the k highest scores, in decreasing order; `softmax`: sampled without
+    replacement from softmax(z / temperature), z the score standardized per row (so
+    the temperature does not depend on image contrast); `random`: uniform without
+    replacement. -> (B, k) int64.
+    """
+    if rule == "topk":
+        key = scores
+    elif rule == "softmax":
+        z = (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + 1e-6)
+        key = gumbel_keys(z / temperature, generator)
+    elif rule == "random":
+        key = torch.rand(scores.shape, device=scores.device, generator=generator)
+    else:
+        raise ValueError(f"unknown selection rule {rule!r} (topk, softmax, random)")
+    if exclude is not None:
+        key = key.masked_fill(exclude, float("-inf"))
+    return key.topk(k, dim=1).indices
+
+
+def gumbel_keys(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """logits + Gumbel noise: the top-k of the result samples k rows of softmax(logits) without replacement."""
+    u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(1e-20, 1.0)
+    return logits - torch.log(-torch.log(u))
+
+
+def set_similarity(sim: Tensor, selected: Tensor, reduce: str) -> Tensor:
+    """Similarity of every patch to the selected SET. sim: (B, N, N) cosine; selected: (B, N) bool.
+
+    reduce `max`: to its nearest selected patch; `min`: to its farthest; `mean`: the
+    mean over the set. -> (B, N) fp32 (meaningless at selected rows; callers mask them).
+    """
+    member = selected.unsqueeze(1)  # (B, 1, N): column j is a selected patch
+    if reduce == "max":
+        return sim.masked_fill(~member, float("-inf")).amax(dim=-1)
+    if reduce == "min":
+        return sim.masked_fill(~member, float("inf")).amin(dim=-1)
+    return (sim * member).sum(dim=-1) / selected.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+# How `near` and `far` measure the similarity to the selected set, per `similarity`
+# option: (near reduce, far reduce). `near` takes the highest, `far` the lowest value.
+SIMILARITY_RULES: dict[str, tuple[str, str]] = {
+    "paper": ("max", "min"),  # Eq. 3-4: nearest selected patch for near, farthest for far
+    "max": ("max", "max"),  # public code: max cosine for both (near = highest, far = lowest)
+    "mean": ("mean", "mean"),  # mean cosine to the set (this project before issue 13)
+}
 
 
 def psts_select(
     scores: Tensor,
     patch_emb: Tensor,
     progress: float | Tensor,
-    cfg: MaskingConfig,
+    cfg: SelectiveMAEConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PSTS: choose visible and target patches for every sample at once.
 
-    scores: (B, N) HOG scores; patch_emb: (B, N, D) patch embeddings (used
-    detached, for cosine similarity); progress in [0, 1].
+    scores: (B, N) HOG scores; patch_emb: (B, N, D) the embeddings compared by cosine
+    similarity (used detached; the caller adds positions for `with_pos`); progress in [0, 1].
     Returns visible_idx (B, V) int64 (initial set first, then the expansions),
-    target_idx (B, T) int64 (by decreasing score), stage (B,) int64
+    target_idx (B, T) int64 (by decreasing score for `topk`), stage (B,) int64
     (0 near, 1 far, 2 random). Visible and target sets are disjoint and free of
     repeats. Randomness from torch's RNG (or `generator`).
     """
@@ -172,33 +237,29 @@ def psts_select(
     initial, grow1, grow2, num_targets = psts_counts(n, cfg)
     scores = scores.float()
     stage = sample_stages(stage_weights(progress, cfg, device=device), b, generator)
-
-    if cfg.init_select == "topk":
-        init_idx = scores.topk(initial, dim=1).indices
-    else:
-        # Standardize per sample so the temperature does not depend on image contrast.
-        z = (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + 1e-6)
-        init_idx = gumbel_topk(z / cfg.temperature, initial, generator)
+    init_idx = pick_by_score(scores, initial, cfg.init_select, cfg.init_temperature, generator=generator)
 
     selected = torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, init_idx, True)
     emb = F.normalize(patch_emb.detach().float(), dim=-1)
+    # All pairwise cosines once per step (B, N, N); both sub-steps reduce it over their set.
+    sim = torch.bmm(emb, emb.transpose(1, 2))
     random_key = torch.rand(b, n, device=device, generator=generator)
     near = (stage == STAGE_NEAR).unsqueeze(1)
     far = (stage == STAGE_FAR).unsqueeze(1)
+    near_reduce, far_reduce = SIMILARITY_RULES[cfg.similarity]
     parts = [init_idx]
     for count in (grow1, grow2):  # the two expansion sub-steps (constant loop)
         if count == 0:
             continue
-        # Mean cosine similarity to the selected set = dot with the sum of its unit
-        # vectors (up to the positive factor 1/|set|, which does not change the ranking).
-        anchor = (emb * selected.unsqueeze(-1)).sum(dim=1)  # (B, D)
-        sim = torch.bmm(emb, anchor.unsqueeze(-1)).squeeze(-1)  # (B, N)
-        key = torch.where(near, sim, torch.where(far, -sim, random_key))
+        near_key = set_similarity(sim, selected, near_reduce)
+        far_key = near_key if far_reduce == near_reduce else set_similarity(sim, selected, far_reduce)
+        key = torch.where(near, near_key, torch.where(far, -far_key, random_key))
         new_idx = key.masked_fill(selected, float("-inf")).topk(count, dim=1).indices
         selected.scatter_(1, new_idx, True)
         parts.append(new_idx)
     visible_idx = torch.cat(parts, dim=1)
-    target_idx = scores.masked_fill(selected, float("-inf")).topk(num_targets, dim=1).indices
+    target_idx = pick_by_score(scores, num_targets, cfg.target_select, cfg.target_temperature, exclude=selected,
+                               generator=generator)
     return visible_idx, target_idx, stage
 
 

@@ -24,6 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .config import ENCODER_PRESETS
+from .patches import gather_tokens
 
 
 def flash_attn_available() -> bool:
@@ -189,20 +190,42 @@ class ViTEncoder(nn.Module):
         Returns (B, 1 + V, D): cls token first, then the V encoded patches in
         the order of `visible_idx`, after the final norm.
         """
-        b, _, d = patches.shape
+        return self.norm(self.blocks(self._visible_tokens(patches, visible_idx)))
+
+    def forward_visible_layers(self, patches: Tensor, visible_idx: Tensor, with_input: bool) -> Tensor:
+        """Encode a subset of patches and keep every block's output (CrossMAE's feature maps).
+
+        Returns (B, 1 + V, D, K) stacked along the last dim: the input tokens (cls +
+        positioned patches) when `with_input`, then the output of each block, the last
+        one after the final norm (K = depth + with_input). CrossMAE feeds its decoder
+        the last block without the final norm; applying it keeps the norm trained,
+        which the exported encoder uses.
+        """
+        x = self._visible_tokens(patches, visible_idx)
+        layers = [x] if with_input else []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            layers.append(self.norm(x) if i == self.depth - 1 else x)
+        return torch.stack(layers, dim=-1)
+
+    def _visible_tokens(self, patches: Tensor, visible_idx: Tensor) -> Tensor:
+        """(B, N, D) embeddings -> (B, 1 + V, D): cls, then the chosen patches, with positions."""
+        b = patches.shape[0]
         # Position first, then gather: the kept tokens carry their own positions.
-        x = patches + self.pos_embed[:, 1:, :].to(patches.dtype)
-        x = torch.gather(x, 1, visible_idx.unsqueeze(-1).expand(-1, -1, d))
+        x = gather_tokens(patches + self.pos_embed[:, 1:, :].to(patches.dtype), visible_idx)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(b, -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_all(self, patches: Tensor) -> Tensor:
+        """Encode the whole sequence: (B, N, D) embeddings (some may be mask tokens, as
+        SimMIM/CtxMIM feed) -> (B, 1 + N, D), cls first, after the final norm."""
+        cls = self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+        x = torch.cat([cls, patches], dim=1) + self.pos_embed.to(patches.dtype)
         return self.norm(self.blocks(x))
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         """All patches, unmasked: (B, 3, H, W) -> (B, 1 + N, D) (timm's forward_features)."""
-        x = self.embed_patches(imgs)
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
-        return self.norm(self.blocks(x))
+        return self.forward_all(self.embed_patches(imgs))
 
 
 def _layer_norm_1e6(dim: int, **kwargs: Any) -> nn.LayerNorm:

@@ -17,10 +17,12 @@ from selectivemae_ds import trainer
 from tests.launch import DEMO, REPO
 
 CASES: list[tuple[str, list[str], str]] = [
-    ("mask ratio > 1", ["masking.mask_ratio=1.5"], "masking.mask_ratio: must be in (0, 1)"),
-    ("mask ratio 0", ["masking.mask_ratio=0"], "masking.mask_ratio: must be in (0, 1)"),
-    ("decode ratio > 1", ["masking.decode_ratio=1.2"], "masking.decode_ratio: must be in (0, 1]"),
-    ("mae ratio", ["masking.mae_mask_ratio=-0.1"], "masking.mae_mask_ratio"),
+    ("mask ratio > 1", ["selectivemae.mask_ratio=1.5"], "selectivemae.mask_ratio: must be in (0, 1)"),
+    ("mask ratio 0", ["selectivemae.mask_ratio=0"], "selectivemae.mask_ratio: must be in (0, 1)"),
+    ("decode ratio > 1", ["selectivemae.decode_ratio=1.2"], "selectivemae.decode_ratio: must be in (0, 1]"),
+    ("mae ratio", ["mae.mask_ratio=-0.1"], "mae.mask_ratio: must be in (0, 1)"),
+    ("old [masking] key", ["masking.mae_mask_ratio=0.5"], "masking: the [masking] section was split into one section "
+     "per method ([selectivemae], [mae], [crossmae]); rename masking.mae_mask_ratio -> mae.mask_ratio or crossmae.mask_ratio"),
     ("crop scale", ["data.scale=0.5,1.5"], "data.scale: need 0 < min <= max <= 1"),
     ("crop ratio", ["data.ratio=2.0,1.0"], "data.ratio: need 0 < min <= max"),
     ("flip probability", ["data.hflip=1.5"], "data.hflip: a probability in [0, 1]"),
