@@ -54,7 +54,7 @@ def test_demo_config_and_overrides_are_typed(data_dir: Path) -> None:
     ("checkpoint.every_steps=-3", "checkpoint.every_steps: must be >= 0"),
     ("checkpoint.resume=/nonexistent/tag", "checkpoint.resume: /nonexistent/tag is neither"),
     ("model.size=gigantic", "model.size: unknown size 'gigantic'"),
-    ("model.method=simmim", "model.method: unknown method 'simmim'"),
+    ("model.method=beit", "model.method: unknown method 'beit'"),
     ("model.img_size=70", "model.img_size: must be a positive multiple of the patch size 16"),
     ("selectivemae.mask_ratio=1.2", "selectivemae.mask_ratio: must be in (0, 1)"),
     ("masking.mask_ratio=0.9", "masking: the [masking] section was split into one section per method"),

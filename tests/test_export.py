@@ -100,7 +100,7 @@ def universal_tag(tmp_path_factory) -> Path:
         (tag / "zero" / name).mkdir(parents=True)
         torch.save({"param": param.detach().clone()}, tag / "zero" / name / "fp32.pt")
     torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
-    (tag / checkpoint.CLIENT_STATE).write_text(json.dumps({"step": 3, "samples_seen": 24, "config": config}))
+    (tag / checkpoint.CLIENT_STATE).write_text(json.dumps({"step": 3, "samples_seen": 24, "world_size": 1, "config": config}))
     (tag / checkpoint.COMPLETE).write_text("")
     return tag
 
