@@ -200,25 +200,21 @@ def markdown(result: dict[str, Any]) -> str:
         head = "| model | ZeRO | " + " | ".join(f"{n} nodes, {g:g} Gb/s" for g in inp["link_gbps"] for n in inp["nodes"]) + " |"
         out += [head, "|---|---|" + "---|" * (len(inp["link_gbps"]) * len(inp["nodes"]))]
         keys = sorted({(r["size"], r["method"], r["zero"]) for r in rows}, key=lambda k: (k[0], k[1] != "selectivemae", k[2]))
-        for size, method, stage in keys:
-            cells = []
-            for g in inp["link_gbps"]:
-                for n in inp["nodes"]:
-                    r = next(r for r in rows if (r["size"], r["method"], r["zero"], r["link_gbps"], r["nodes"])
-                             == (size, method, stage, g, n))
-                    cells.append(f"{r['efficiency']:.0%} ({r['micro_batch']})")
-            out.append(f"| {method} ViT-{size[0].upper()} | {stage} | " + " | ".join(cells) + " |")
+
+        def table(cell: Any) -> list[str]:
+            """One line per (model, stage): ``cell(row)`` for each link rate x node count."""
+            lines = []
+            for size, method, stage in keys:
+                cells = [cell(next(r for r in rows if (r["size"], r["method"], r["zero"], r["link_gbps"], r["nodes"])
+                                   == (size, method, stage, g, n)))
+                         for g in inp["link_gbps"] for n in inp["nodes"]]
+                lines.append(f"| {method} ViT-{size[0].upper()} | {stage} | " + " | ".join(cells) + " |")
+            return lines
+
+        out += table(lambda r: f"{r['efficiency']:.0%} ({r['micro_batch']})")
         out += ["", f"Smallest per-GPU micro-batch for {inp['target']:.0%} ({nics} NIC{'s' if nics > 1 else ''} per node):",
                 "", head, "|---|---|" + "---|" * (len(inp["link_gbps"]) * len(inp["nodes"]))]
-        for size, method, stage in keys:
-            cells = []
-            for g in inp["link_gbps"]:
-                for n in inp["nodes"]:
-                    r = next(r for r in rows if (r["size"], r["method"], r["zero"], r["link_gbps"], r["nodes"])
-                             == (size, method, stage, g, n))
-                    v = r["micro_batch_for_target"]
-                    cells.append("never" if v is None else str(v))
-            out.append(f"| {method} ViT-{size[0].upper()} | {stage} | " + " | ".join(cells) + " |")
+        out += table(lambda r: "never" if r["micro_batch_for_target"] is None else str(r["micro_batch_for_target"]))
     return "\n".join(out) + "\n"
 
 
