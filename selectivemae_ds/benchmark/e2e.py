@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 # train_step ends in the host sync of the all-reduced loss: the step is finished here.
-                loss, logged, ok, waited, _last = trainer.train_step()
+                loss, logged, ok, waited, _last, _stop = trainer.train_step()
                 step_s.append(time.perf_counter() - t0)
                 wait_s.append(waited)
                 losses.append(loss)

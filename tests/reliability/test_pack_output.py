@@ -86,10 +86,15 @@ def test_second_pack_on_the_same_out_refuses_naming_the_holder_or_waits(
 @pytest.mark.slow
 def test_kill_9_of_the_holder_frees_the_lock_and_the_rerun_resumes(
         tmp_path: Path, assets_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    src = _inputs(assets_dir, tmp_path, 4)
+    src = _inputs(assets_dir, tmp_path, 12)
     out = tmp_path / "out"
     holder = _start_holder(src, out)
-    time.sleep(1.0)  # let it commit some batches
+    # Kill as soon as the first batch is committed: on an idle machine the whole pack takes
+    # well under a second, so a fixed sleep can outlast it.
+    deadline = time.monotonic() + 120
+    while not any((out / ".smae-pack-work" / "batches").glob("*/b-*.json")):
+        assert holder.poll() is None and time.monotonic() < deadline, "the pack committed no batch"
+        time.sleep(0.005)
     os.killpg(holder.pid, signal.SIGKILL)
     holder.wait(timeout=60)
     assert (out / ".smae-pack-work").is_dir() and not (out / "manifest.json").exists()
