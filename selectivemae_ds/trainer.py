@@ -363,8 +363,9 @@ class Trainer:
             hook.remove()
         # The stop flag rides on the step's one all_reduce: every rank sees the same sum and
         # so stops after the same step, with no collective of its own.
-        asked = float(self.stop.poll() != 0)
-        packed = torch.cat([torch.stack([loss_sum / self.accum, bad, torch.tensor(asked, device=self.device)]),
+        # torch.full fills on the device: no host-to-device copy (a sync on CUDA) for the flag.
+        asked = torch.full((), float(self.stop.poll() != 0), device=self.device)
+        packed = torch.cat([torch.stack([loss_sum / self.accum, bad, asked]),
                             logged_sum / self.accum])
         with collective("the step's all_reduce of loss, non-finite and stop flags", self.rank, self.step, timeout):
             dist.all_reduce(packed)

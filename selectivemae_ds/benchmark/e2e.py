@@ -152,15 +152,10 @@ def run(args: argparse.Namespace, device: str, run_dir: Path) -> dict[str, Any]:
 
     length = args.warmup + args.steps
     total = PROGRESS_STRETCH * length
-    try:
-        ds_json = load_ds_json(args.deepspeed_config)
-        bf16 = bool(ds_json.get("bf16", {}).get("enabled", False))
-        cfg = load_config(args.config, overrides_for(args, run_dir, device, bf16, total))
-    except ConfigError:
-        raise
-    except ValueError as err:
-        # The config readers' validators raise ValueError naming the key (ConfigError once typed).
-        raise ConfigError(str(err)) from err
+    # Both raise ConfigError naming the file or key; run_cli reports it.
+    ds_json = load_ds_json(args.deepspeed_config)
+    bf16 = bool(ds_json.get("bf16", {}).get("enabled", False))
+    cfg = load_config(args.config, overrides_for(args, run_dir, device, bf16, total))
     # The trainer prints its start line and DeepSpeed its banners; stdout carries only our JSON.
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(cfg, ds_json, str(args.deepspeed_config))

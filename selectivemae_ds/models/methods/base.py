@@ -25,6 +25,7 @@ loss terms) overrides `run` and returns its terms in `StepTensors.terms`.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
@@ -85,7 +86,7 @@ def check_choice(section: str, key: str, value: str, choices: tuple[str, ...]) -
         raise ConfigError(f"{section}.{key}: unknown value {value!r} (choose from {', '.join(choices)})")
 
 
-class MethodSpec:
+class MethodSpec(ABC):
     """Base of every method; see the module docstring for who reads which member."""
 
     name: ClassVar[str]
@@ -123,9 +124,9 @@ class MethodSpec:
             raise ConfigError(f"{self.name}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
         return self.config_cls(**values)
 
+    @abstractmethod
     def counts(self, cfg: Any, num_patches: int) -> tuple[int, int]:
         """(visible, targets) per image for N patches."""
-        raise NotImplementedError
 
     def check(self, cfg: Any) -> None:
         """ConfigError naming `<name>.<key>` for a value out of its range (no model needed).
