@@ -380,16 +380,19 @@ class Trainer:
         return loss_mean / self.world, logged, applied, wait, imgs, n_stop > 0
 
     def _rollback_or_stop(self, consecutive: int) -> None:
-        """K consecutive non-finite steps: reload the last complete checkpoint once, then stop."""
-        newest = checkpoint.newest_complete(self.cfg.checkpoint_dir)
-        if self.rolled_back or newest is None:
+        """K consecutive non-finite steps: reload the newest loadable checkpoint once (as
+        ``--resume auto`` chooses it: a damaged newer tag is passed over with a warning), then stop."""
+        target = None
+        if not self.rolled_back:
+            target = checkpoint.resolve_resume("auto", self.cfg.checkpoint_dir, config_to_dict(self.cfg), self.world)
+        if target is None:
             why = "after a rollback" if self.rolled_back else "and there is no complete checkpoint to roll back to"
             raise NonFiniteError(
                 f"{consecutive} consecutive non-finite steps (train.max_nonfinite = {self.cfg.train.max_nonfinite}) "
                 f"at step {self.step} {why}; lower optim.blr, check the data, or raise optim.grad_clip"
             )
-        target = checkpoint.resolve_resume(str(newest), self.cfg.checkpoint_dir, config_to_dict(self.cfg), self.world)
-        assert target is not None
+        if self.rank == 0:
+            checkpoint.warn_skipped(target)
         from_step = self.step
         # Keep the count across the rollback: the skipped steps did happen.
         nonfinite_total = self.nonfinite_total
@@ -397,7 +400,8 @@ class Trainer:
         self.nonfinite_total = nonfinite_total
         self.rolled_back = True
         if self.metrics is not None:
-            self.metrics.event({"event": "rollback", "step": self.step, "from_step": from_step, "to": str(newest)})
+            self.metrics.event({"event": "rollback", "step": self.step, "from_step": from_step,
+                                "to": str(target.tag_dir)})
 
     def _picture(self, imgs: torch.Tensor) -> None:
         """Input / HOG / visible / targets / reconstruction grid to TensorBoard (all ranks run the forward:

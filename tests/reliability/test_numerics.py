@@ -38,3 +38,27 @@ def test_inf_loss_and_inf_gradients_skip_count_rollback_stop(tmp_path: Path, lau
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)
     assert_same_weights(w2, w3)
     assert all(torch.isfinite(v).all() for v in w3.values())
+
+
+def test_rollback_passes_over_a_damaged_newest_checkpoint(tmp_path: Path, launch_dataset: Path) -> None:
+    """The rollback chooses its checkpoint as ``--resume auto`` does: a newer complete tag whose
+    model states are truncated is passed over with a warning, not loaded (which stopped the run)."""
+    run = tmp_path / "run"
+    r = train_one_rank(run, launch_dataset, "train.steps=4", "checkpoint.every_steps=1", "checkpoint.keep=20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = run / "checkpoints"
+    damaged = ck / checkpoint.tag_for(4)
+    model = damaged / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:-40])
+    # Continue from step 2; 0-based steps 2 and 3 (steps 3 and 4) are NaN: the rollback comes
+    # before step 4 is saved again, while the damaged step-4 tag is the newest by name.
+    r = train_one_rank(run, launch_dataset, "train.steps=6", "checkpoint.every_steps=1", "checkpoint.keep=20",
+                       f"checkpoint.resume={ck / checkpoint.tag_for(2)}", "debug.nonfinite_at=[2,3]",
+                       "train.max_nonfinite=2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (f"[resume] warning: passed over a damaged checkpoint: {damaged}/mp_rank_00_model_states.pt: "
+            "damaged torch zip checkpoint") in r.stderr
+    rollbacks = [e for e in records(run) if e.get("event") == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["to"] == str(ck / checkpoint.tag_for(3))
+    assert rollbacks[0]["step"] == 3 and rollbacks[0]["from_step"] == 4
+    assert checkpoint.validate_tag(ck / checkpoint.tag_for(6))["step"] == 6
