@@ -481,6 +481,20 @@ def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader
     return torch.cat(feats).float(), torch.cat(labels)
 
 
+def feature_spread(feats: torch.Tensor) -> dict[str, float]:
+    """How much the features differ between images (label-free): the mean cosine similarity
+    of two different images' features after a fresh LayerNorm (what a new fc_norm + head see
+    at the start of fine-tuning), and the share of the features' energy that is not their
+    common mean. A collapsed encoder has cosine near 1 and share near 0: every image looks
+    the same to a new head, whatever a probe on standardised features finds."""
+    x = F.layer_norm(feats.float(), feats.shape[1:])
+    n = x.shape[0]
+    unit = F.normalize(x, dim=1)
+    cos = (unit.sum(0).square().sum() - n) / max(n * (n - 1), 1)  # mean over pairs i != j
+    between = (x - x.mean(0)).square().sum(1).mean() / x.square().sum(1).mean().clamp_min(1e-12)
+    return {"feature_cosine": round(float(cos), 4), "between_share": round(float(between), 4)}
+
+
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  k: int = 20, num_classes: int | None = None) -> float:
     """Cosine kNN: each test point votes with its k most similar training points,
@@ -569,6 +583,7 @@ def probe(args: argparse.Namespace, data: LabeledSet, modes: tuple[str, ...] = (
                                         num_classes=len(data.classes)), 4)
     if "linear" in modes:
         out["linear"] = round(linear_probe_accuracy(feats[tr], y[tr], feats[te], y[te]), 4)
+    out.update(feature_spread(feats))
     return out
 
 
@@ -578,6 +593,7 @@ def run_probe(mode: str, args: argparse.Namespace) -> dict:
     r = probe(args, data, (mode,))
     return {"mode": mode, "accuracy": r[mode], **data.split.describe(), "classes": data.classes,
             "weights": args.weights, "encoder": r["encoder"], "pool": args.pool, "img_size": r["img_size"],
+            "feature_cosine": r["feature_cosine"], "between_share": r["between_share"],
             "floors": floors(data.paths, data.labels, data.split, batch=args.batch, workers=args.workers)}
 
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from selectivemae_ds import evaluate
 from selectivemae_ds.errors import DataError
-from selectivemae_ds.evaluate import (build_treecrown_set, fixed_split, knn_accuracy, linear_probe_accuracy,
-                                      list_image_folder, load_images, main)
+from selectivemae_ds.evaluate import (build_treecrown_set, feature_spread, fixed_split, knn_accuracy,
+                                      linear_probe_accuracy, list_image_folder, load_images, main)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,18 @@ def test_linear_probe_separates_separable_features():
     assert linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:]) >= 0.95
 
 
+def test_feature_spread_tells_collapsed_from_spread_features():
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(1, 32, generator=g)
+    assert feature_spread(row.repeat(10, 1)) == {"feature_cosine": 1.0, "between_share": 0.0}
+    # x and -x (zero-mean rows): a fresh LayerNorm keeps them opposite, their common mean is 0.
+    x = row - row.mean()
+    assert feature_spread(torch.cat([x, -x])) == {"feature_cosine": -1.0, "between_share": 1.0}
+    # A large shared offset with small differences, as in a collapsed encoder.
+    spread = feature_spread(100 * row + 0.5 * torch.randn(64, 32, generator=g))
+    assert spread["feature_cosine"] > 0.99 and spread["between_share"] < 0.01
+
+
 def test_cli_knn_prints_counts_and_floors_on_the_real_set(treecrowns, capsys):
     out, counts = treecrowns
     rc = main(["knn", "--weights", "init", "--config", "configs/demo.toml", "--img-size", "32", "--workers", "0",
@@ -71,6 +83,7 @@ def test_cli_knn_prints_counts_and_floors_on_the_real_set(treecrowns, capsys):
     assert result["classes"] == ["background", "tree"]
     assert 0.0 <= result["accuracy"] <= 1.0
     assert result["encoder"].startswith("init(") and result["img_size"] == 32
+    assert -1.0 <= result["feature_cosine"] <= 1.0 and 0.0 <= result["between_share"] <= 1.0
     assert set(result["floors"]) == {"majority", "raw_pixels_knn", "raw_pixels_linear", "mean_color_knn",
                                      "mean_color_linear"}
 
