@@ -1,4 +1,5 @@
-"""Does pretraining learn? SelectiveMAE, MAE and CrossMAE pretrained on real
+"""Does pretraining learn? Every registered method (SelectiveMAE, MAE, CrossMAE, SimMIM,
+CtxMIM) pretrained on real
 remote-sensing images at the same pretraining FLOP budget, each checkpoint scored by
 end-to-end fine-tuning (3 seeds) and kNN / linear probes on a scene-disjoint split of a
 real labeled set, against our own initialization and the pixel floors.
@@ -46,7 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
-METHODS = ("selectivemae", "mae", "crossmae")
+
+from selectivemae_ds.models.methods.registry import method_names  # noqa: E402  (after the path fix-up)
+
+METHODS = method_names()
 SCENE_REGEX = r"([^/]+)_\d+\.png$"
 
 # Model and data scale shared by the presets: ViT-tiny at 128 px / patch 16 = 64 patches
@@ -131,19 +135,35 @@ def eval_args(mode: str, weights: str, labeled: Path, p: dict[str, Any], out: Pa
     return parser().parse_args(argv)
 
 
-def evaluate_encoder(name: str, weights: str, labeled: Path, work: Path, p: dict[str, Any],
-                     config: str | None, eval_name: str) -> dict[str, Any]:
-    from selectivemae_ds import finetune
+PROBE_KEYS = ("knn", "linear", "feature_cosine", "between_share")
+
+
+def init_sets(method: str) -> list[str]:
+    """``--set`` arguments that make ``--weights init`` build the step-0 encoder of this
+    benchmark's pretraining runs (configs/demo.toml with MODEL_SETS and train.seed as they ran)."""
+    return [a for s in (*MODEL_SETS, f"model.method={method}") for a in ("--set", s)]
+
+
+def probe_encoder(weights: str, labeled: Path, p: dict[str, Any], config: str | None,
+                  extra: list[str]) -> dict[str, Any]:
+    """kNN / linear probes and the feature spread (one frozen feature pass)."""
     from selectivemae_ds.evaluate import load_labeled, probe
 
-    t0 = time.time()
-    args = eval_args("knn", weights, labeled, p, None, config, ["--pool", "mean"])
+    args = eval_args("knn", weights, labeled, p, None, config, ["--pool", "mean", *extra])
     probes = probe(args, load_labeled(args))  # the floors come with the fine-tuning report
+    return {k: probes[k] for k in PROBE_KEYS}
+
+
+def evaluate_encoder(name: str, weights: str, labeled: Path, work: Path, p: dict[str, Any],
+                     config: str | None, eval_name: str, extra: list[str]) -> dict[str, Any]:
+    from selectivemae_ds import finetune
+
+    t0 = time.time()
+    probes = probe_encoder(weights, labeled, p, config, extra)
     ft = finetune.run(eval_args("finetune", weights, labeled, p, work / f"finetune_{eval_name}" / name, config,
                                 ["--seeds", p["seeds"], "--epochs", str(p["ft_epochs"]),
-                                 "--warmup-epochs", str(p["ft_warmup_epochs"])]))
-    return {"encoder": name, "weights": weights, "knn": probes["knn"], "linear": probes["linear"],
-            "finetune_top1": ft["top1"], "finetune": ft["top1_summary"], "final_train_loss": ft["final_train_loss"],
+                                 "--warmup-epochs", str(p["ft_warmup_epochs"]), *extra]))
+    return {"encoder": name, "weights": weights, **probes, "finetune_top1": ft["top1"], "finetune": ft["top1_summary"], "final_train_loss": ft["final_train_loss"],
             "floors": ft["floors"], "split": {k: ft[k] for k in ("n_train", "n_test", "train_groups", "test_groups")},
             "seconds": round(time.time() - t0, 1)}
 
@@ -221,30 +241,33 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for x0 in range(L, W - R, 12):
             d.line([x0, yy, min(x0 + 6, W - R), yy], fill=color, width=2)
         d.text((W - R + 8, yy - 6), label, fill=color)
-    colors = {"selectivemae": (200, 30, 30), "mae": (30, 80, 200), "crossmae": (30, 150, 60)}
-    for i, method in enumerate(METHODS):
+    colors = {"selectivemae": (200, 30, 30), "mae": (30, 80, 200), "crossmae": (30, 150, 60),
+              "simmim": (150, 60, 170), "ctxmim": (230, 120, 0)}
+    for i, method in enumerate(m for m in METHODS if any(e["method"] == m for e in pts)):
+        color = colors.get(method, (0, 0, 0))
         mp = sorted((e for e in pts if e["method"] == method), key=lambda e: e["pretrain_flops"])
         line = [xy(0, init["finetune"]["mean"])] + [xy(e["pretrain_flops"] / 1e12, e["finetune"]["mean"]) for e in mp]
         if len(line) > 1:
-            d.line(line, fill=colors[method], width=2)
+            d.line(line, fill=color, width=2)
         for e in mp:
             x, y = xy(e["pretrain_flops"] / 1e12, e["finetune"]["mean"])
             _, y0 = xy(0, e["finetune"]["mean"] - e["finetune"]["std"])
             _, y1 = xy(0, e["finetune"]["mean"] + e["finetune"]["std"])
-            d.line([x, y0, x, y1], fill=colors[method], width=1)
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colors[method])
-        d.text((W - R + 8, H - B - 56 + 16 * i), f"- {method}", fill=colors[method])
+            d.line([x, y0, x, y1], fill=color, width=1)
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        d.text((W - R + 8, H - B - 88 + 16 * i), f"- {method}", fill=color)
     img.save(path)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The evaluations as a markdown table (what bench/RESULTS.md quotes)."""
-    rows = ["| encoder | pretraining TFLOPs | fine-tuned top-1 per seed | mean +- std | kNN | linear |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| encoder | pretraining TFLOPs | fine-tuned top-1 per seed | mean +- std | kNN | linear | "
+            "feature cosine | between share |", "|---|---|---|---|---|---|---|---|"]
     for e in sorted(result["evals"], key=lambda e: (e.get("method") or "", e["pretrain_flops"])):
         rows.append(f"| {e['encoder']} | {e['pretrain_flops'] / 1e12:.3f} | "
                     f"{', '.join(f'{x:.4f}' for x in e['finetune_top1'])} | "
-                    f"{e['finetune']['mean']:.4f} +- {e['finetune']['std']:.4f} | {e['knn']:.4f} | {e['linear']:.4f} |")
+                    f"{e['finetune']['mean']:.4f} +- {e['finetune']['std']:.4f} | {e['knn']:.4f} | {e['linear']:.4f} | "
+                    f"{e.get('feature_cosine', float('nan')):.4f} | {e.get('between_share', float('nan')):.4f} |")
     return "\n".join(rows)
 
 
@@ -255,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in PRESETS["cpu"].items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
                         help=f"override the preset's {key} (cpu preset: {value})")
-    ap.add_argument("--methods", default=",".join(METHODS), help="methods to pretrain (default all three)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"methods to pretrain (default every registered one: {','.join(METHODS)})")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot and verdict from the results JSON")
     ap.add_argument("--eval-name", default="results",
                     help="name of this evaluation pass: NAME.json, NAME.png, finetune_NAME/ in --work (default "
@@ -284,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = [m for m in args.methods.split(",") if m]
     result: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if not result and (work / "results.json").is_file():
-        # Another evaluation pass over the same pretraining: keep its sweep and runs.
+    if results_path.name != "results.json" and (work / "results.json").is_file():
+        # Another evaluation pass over the same pretraining: its sweep and runs are results.json's.
         first = json.loads((work / "results.json").read_text())
-        result = {k: first[k] for k in ("sweep", "pretrain", "started") if k in first}
+        for key in ("sweep", "pretrain"):
+            result.setdefault(key, {}).update(first.get(key, {}))
+        result.setdefault("started", first.get("started"))
     result.update({"preset": args.preset, "params": p, "methods": methods, "started": result.get("started") or
                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": {
                        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -330,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     result.setdefault("pretrain", {})
     for method in methods:
         fpi = flops_per_image(method)
-        steps = max(4, round(budget / (fpi * p["batch"])))
+        steps = max(2, round(budget / (fpi * p["batch"])))
         if method not in result["sweep"] or "chosen_lr" not in result["sweep"][method]:
-            sweep_steps = max(4, round(steps * p["sweep_fraction"]))
+            sweep_steps = max(2, round(steps * p["sweep_fraction"]))
             table = {}
             for lr in [float(x) for x in p["sweep_lrs"].split(",")]:
                 run_dir = work / "sweep" / f"{method}_lr{lr:g}"
@@ -367,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     done = {e["encoder"] for e in result["evals"]}
     jobs: list[tuple[str, str | None, int, str, str | None]] = [("init", None, 0, "init",
-                                                                 str(work / "runs" / methods[0]))]
+                                                                 str(REPO / "configs" / "demo.toml"))]
     finals = [(m, result["pretrain"][m]["checkpoint_steps"]) for m in methods]
     # Most telling first: each method's final checkpoint, then the earlier ones (latest first).
     for m, ck in finals:
@@ -378,14 +404,22 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append((f"{m}_step{ck[-depth]}", m, ck[-depth], "", None))
     wanted = set(args.encoders.split(",")) if args.encoders else None
     for name, method, step, weights, config in jobs:
-        if name in done or (wanted is not None and name not in wanted):
+        if wanted is not None and name not in wanted:
             continue
+        extra = init_sets(methods[0]) if weights == "init" else []
         if method is not None:
             weights = str(work / "encoders" / f"{name}.safetensors")
             if not Path(weights).is_file():
                 export(work / "runs" / method / "checkpoints" / f"step_{step:08d}", weights)
+        if name in done:
+            old = next(e for e in result["evals"] if e["encoder"] == name)
+            if any(k not in old for k in PROBE_KEYS):  # an evaluation from before the feature spread
+                old.update(probe_encoder(weights, labeled, p, config, extra))
+                save()
+                log(f"{name}: probes {', '.join(f'{k} {old[k]}' for k in PROBE_KEYS)}")
+            continue
         log(f"evaluating {name}")
-        e = evaluate_encoder(name, weights, labeled, work, p, config, args.eval_name)
+        e = evaluate_encoder(name, weights, labeled, work, p, config, args.eval_name, extra)
         e["method"] = method
         e["step"] = step
         e["pretrain_flops"] = (result["pretrain"][method]["flops_per_image"] * p["batch"] * step) if method else 0.0
