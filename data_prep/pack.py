@@ -372,6 +372,10 @@ def _batch_results(items: list[InputItem], batch: int, workers: int, work: WorkD
             except BrokenProcessPool as e:
                 raise RunError("a worker process died (killed or out of memory); rerun the same "
                                 "command to resume from the last committed batch") from e
+            except MemoryError as e:
+                raise RunError("a worker ran out of memory on a batch (none of it was kept); lower --workers "
+                                "or --max-pixels, then rerun the same command to resume from the last committed "
+                                "batch") from e
             finally:
                 for _b, pending in window:
                     if isinstance(pending, Future):

@@ -78,6 +78,10 @@ def _outcome(item: InputItem, preread: bytes | tuple[str, str] | None, state: _S
         return Outcome(reason=e.reason, detail=e.detail)
     try:
         return process_image(data, item.source, state.options)
+    except MemoryError:
+        # The machine, not the image: counting it as corrupt would drop a good image from
+        # the dataset. The batch stays uncommitted and a rerun packs it.
+        raise
     except Exception as e:  # noqa: BLE001 - counted below, never silent
         # process_image maps every failure Pillow documents to a reason; a decoder
         # failing in a way nobody documented must still not stop a 13 M image run.

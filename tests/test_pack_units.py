@@ -209,3 +209,29 @@ def test_bounded_read_refuses_without_reading_the_rest() -> None:
     with pytest.raises(InputReadError) as e:
         read_capped(jpeg_sig, OPTS.max_pixels)
     assert e.value.reason == "corrupt" and jpeg_sig.consumed == 16 << 20
+
+
+def test_worker_counts_an_undocumented_decoder_failure_but_not_memory_exhaustion(monkeypatch, assets_dir) -> None:
+    """A decoder raising something undocumented is counted as corrupt (named in the detail);
+    MemoryError is the machine's problem, not the image's: it propagates instead of dropping
+    a good image from the dataset."""
+    from data_prep import worker
+    from data_prep.sources import InputItem
+
+    src = next(p for p in sorted(assets_dir.iterdir()) if p.suffix.lower() in (".jpg", ".png"))
+    item = InputItem(source=src.name, kind="file", path=str(src), member="", size=src.stat().st_size,
+                     mtime_ns=src.stat().st_mtime_ns)
+    state = worker._State(options=PackOptions(), work=None, zips=None)
+
+    def boom(exc: BaseException):
+        def raise_it(*_args, **_kwargs):
+            raise exc
+        return raise_it
+
+    monkeypatch.setattr(worker, "read_item", lambda *_args: b"bytes")
+    monkeypatch.setattr(worker, "process_image", boom(RuntimeError("decoder state")))
+    out = worker._outcome(item, None, state)
+    assert out.reason == "corrupt" and out.detail == "unexpected RuntimeError: decoder state"
+    monkeypatch.setattr(worker, "process_image", boom(MemoryError()))
+    with pytest.raises(MemoryError):
+        worker._outcome(item, None, state)
