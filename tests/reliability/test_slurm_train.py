@@ -9,7 +9,9 @@ after the same step S, write its checkpoint and exit 143. Resubmitting the same 
 (``checkpoint.resume = "auto"``) continues from step S and ends with the weights of the
 uninterrupted 2-rank run; a third submission with more steps continues from the last one.
 
-Skipped, with the reason, where SLURM is not installed or the test does not run as root.
+The end-to-end test is skipped, with the reason, where SLURM is not installed or the test
+does not run as root. A fast test runs the script with stand-ins for ``srun``, ``scontrol``
+and ``torchrun`` and checks the command line it builds, by default and from the variables.
 """
 from __future__ import annotations
 
@@ -27,8 +29,6 @@ from selectivemae_ds import checkpoint
 from tests.launch import BIN, DEMO, DEMO_SETS, REPO, assert_same_weights, fp32_weights, free_port, logged
 from tests.reliability.faults import logged_steps, records
 from tests.reliability.slurm_cluster import SKIP_UNLESS_SLURM, exe, job_field, queue, wait_done
-
-pytestmark = [pytest.mark.slow, SKIP_UNLESS_SLURM]
 
 DS_JSON = "zero2.json"
 TARGET = 4
@@ -66,6 +66,8 @@ def _finish(slurm: dict[str, str], job: str, log: Path, port: int) -> str:
     return state
 
 
+@pytest.mark.slow
+@SKIP_UNLESS_SLURM
 @pytest.mark.timeout(2400)  # three 2-rank jobs and the straight run, on shared cores
 def test_sbatch_example_preempted_resubmitted_equals_straight_run_and_extends(
         slurm: dict[str, str], tmp_path: Path, launch_dataset: Path, straight_run) -> None:
@@ -125,3 +127,54 @@ def test_sbatch_example_preempted_resubmitted_equals_straight_run_and_extends(
     assert [r["step"] for r in records(run) if "event" not in r][-2:] == [TARGET + 1, TARGET + 2]
     assert checkpoint.is_complete(run / "checkpoints" / checkpoint.tag_for(TARGET + 2))
     print(f"[slurm-train] three jobs in {time.monotonic() - began:.0f} s")
+
+
+def _command_line(tmp_path: Path, **variables: str) -> tuple[list[str], list[str]]:
+    """Run the script as SLURM's second node would (node rank 1 of 2), with ``srun``,
+    ``scontrol`` and ``.venv/bin/torchrun`` replaced by scripts that record their
+    arguments; return (srun's options, [torchrun's path, *its arguments])."""
+    bin_dir, venv = tmp_path / "bin", tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    venv.mkdir(parents=True)
+    stand_ins = {
+        bin_dir / "scontrol": 'printf "node-a\\nnode-b\\n"',
+        bin_dir / "srun": 'while [[ $1 == --* ]]; do echo "$1" >> "$SUBMIT/srun.args"; shift; done; exec "$@"',
+        venv / "torchrun": 'printf "%s\\n" "$0" "$@" > "$SUBMIT/torchrun.args"',
+    }
+    for path, body in stand_ins.items():
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SUBMIT": str(tmp_path),
+           "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
+           "SLURM_NODEID": "1", **variables}
+    res = subprocess.run(["bash", str(REPO / "launcher" / "slurm_example.sbatch")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return ((tmp_path / "srun.args").read_text().splitlines(), (tmp_path / "torchrun.args").read_text().splitlines())
+
+
+def test_example_defaults_are_the_vitb_8_gpu_run_and_variables_change_it(tmp_path: Path) -> None:
+    directives = [line for line in (REPO / "launcher" / "slurm_example.sbatch").read_text().splitlines()
+                  if line.startswith("#SBATCH")]
+    assert directives == ["#SBATCH --job-name=selectivemae", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                          "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64", "#SBATCH --time=48:00:00",
+                          "#SBATCH --output=slurm-%j.out", "#SBATCH --signal=TERM@300"]
+    srun, torchrun = _command_line(tmp_path / "defaults")
+    assert srun == ["--kill-on-bad-exit=1"]
+    assert torchrun == [  # the submit directory's .venv
+        f"{tmp_path}/defaults/.venv/bin/torchrun", "--node_rank", "1", "--nnodes", "2", "--nproc_per_node", "8", "--master_addr", "node-a",
+        "--master_port", "29500", "--shutdown-timeout", "240", "launcher/pretrain.py",
+        "--config", "configs/selectivemae_vitb_800ep.toml", "--deepspeed_config", "ds_configs/zero1.json",
+        "--set", "data.path=/shared/opticalrs13m", "--set", "run_dir=/shared/runs/selectivemae_vitb_800ep"]
+
+    venv = tmp_path / "defaults" / ".venv"
+    _, torchrun = _command_line(
+        tmp_path / "set", SMAE_CONFIG="configs/demo.toml", SMAE_DS_CONFIG="ds_configs/zero2.json",
+        SMAE_DATA="/data/d 1", SMAE_RUN_DIR="/runs/r", GPUS_PER_NODE="2", SMAE_VENV=str(venv),
+        SMAE_SET="train.steps=4  checkpoint.resume=auto", MASTER_PORT="4242", SMAE_STOP_GRACE_S="60")
+    assert torchrun == [
+        f"{venv}/bin/torchrun", "--node_rank", "1", "--nnodes", "2", "--nproc_per_node", "2", "--master_addr", "node-a",
+        "--master_port", "4242", "--shutdown-timeout", "60", "launcher/pretrain.py",
+        "--config", "configs/demo.toml", "--deepspeed_config", "ds_configs/zero2.json",
+        "--set", "data.path=/data/d 1", "--set", "run_dir=/runs/r",
+        "--set", "train.steps=4", "--set", "checkpoint.resume=auto"]
