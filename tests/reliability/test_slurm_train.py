@@ -126,7 +126,8 @@ def test_sbatch_example_preempted_resubmitted_equals_straight_run_and_extends(
     assert f"[resume] step={TARGET}" in out3, out3[-3000:]
     assert [r["step"] for r in records(run) if "event" not in r][-2:] == [TARGET + 1, TARGET + 2]
     assert checkpoint.is_complete(run / "checkpoints" / checkpoint.tag_for(TARGET + 2))
-    print(f"[slurm-train] three jobs in {time.monotonic() - began:.0f} s")
+    runtimes = ", ".join(job_field(slurm, j, "RunTime") for j in (job1, job2, job3))
+    print(f"[slurm-train] three jobs in {time.monotonic() - began:.0f} s (run times {runtimes})")
 
 
 def _command_line(tmp_path: Path, **variables: str) -> tuple[list[str], list[str]]:
