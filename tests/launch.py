@@ -14,6 +14,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEMO = REPO / "configs" / "demo.toml"
+# The run of `pretrain` (with data.path and run_dir): 4 steps at lr 1e-3 (large enough that
+# every step moves the weights), a checkpoint every 2 steps. Launches whose final weights
+# are compared with the session's `straight_run` use the same values.
+DEMO_SETS = ("train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=5", "optim.lr=1e-3",
+             "train.picture_every=2")
+
+
+def set_args(sets: tuple[str, ...] | list[str]) -> list[str]:
+    """``--set`` before each override."""
+    return [a for s in sets for a in ("--set", s)]
 
 
 def free_port() -> int:
@@ -24,12 +34,9 @@ def free_port() -> int:
 
 def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 2,
              check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
-    """4 steps of the demo model at lr 1e-3 (large enough that every step moves the weights),
-    a checkpoint every 2 steps; `extra` are more CLI arguments (later --set wins); `timeout` in seconds."""
+    """The demo model with DEMO_SETS; `extra` are more CLI arguments (later --set wins); `timeout` in seconds."""
     args = ["--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / ds_json),
-            "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", "--set", "train.steps=4",
-            "--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3",
-            "--set", "train.picture_every=2", *extra]
+            "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", *set_args(DEMO_SETS), *extra]
     if ranks == 1:
         cmd = [str(BIN / "smae-pretrain"), *args]
     else:

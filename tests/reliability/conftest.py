@@ -38,3 +38,13 @@ def heavy_trials(pytestconfig: pytest.Config) -> int:
 @pytest.fixture(scope="session")
 def heavy_seed(pytestconfig: pytest.Config) -> int:
     return int(pytestconfig.getoption("--heavy-seed", default=20261124))
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running one-node SLURM cluster (tests/reliability/slurm_cluster.py), shared by the
+    tests that submit jobs; yields the environment its clients need."""
+    from tests.reliability.slurm_cluster import cluster
+
+    with cluster() as env:
+        yield env

@@ -58,13 +58,12 @@ def flip_offset(root: Path, shard: str, local: int) -> None:
 def pretrain_cmd(run_dir: Path, data: Path, ds_json: str, *extra: str) -> list[str]:
     """The 2-rank ``deepspeed`` command of ``tests.launch.pretrain`` (same steps, cadence and lr,
     so its final weights are comparable with the session's ``straight_run``)."""
-    from tests.launch import free_port
+    from tests.launch import DEMO_SETS, free_port, set_args
 
     return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
             str(REPO / "launcher" / "pretrain.py"), "--config", str(DEMO),
             "--deepspeed_config", str(REPO / "ds_configs" / ds_json), "--set", f"data.path={data}",
-            "--set", f"run_dir={run_dir}", "--set", "train.steps=4", "--set", "checkpoint.every_steps=2",
-            "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3", "--set", "train.picture_every=2", *extra]
+            "--set", f"run_dir={run_dir}", *set_args(DEMO_SETS), *extra]
 
 
 def rank_pid(run_dir: Path, rank: int) -> int | None:
