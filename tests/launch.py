@@ -2,6 +2,7 @@
 and read back what it logged and saved."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -37,15 +38,20 @@ def pretrain(run_dir: Path, data: Path, ds_json: str, *extra: str, ranks: int = 
     """The demo model with DEMO_SETS; `extra` are more CLI arguments (later --set wins); `timeout` in seconds."""
     args = ["--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / ds_json),
             "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", *set_args(DEMO_SETS), *extra]
+    port = free_port()
     if ranks == 1:
         cmd = [str(BIN / "smae-pretrain"), *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
                str(REPO / "launcher" / "pretrain.py"), *args]
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if ranks > 1:
+        # The trainer unlinks DeepSpeed's shared-memory all-reduce buffers once mapped.
+        left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+        assert not left, f"shared-memory buffers left behind: {left}"
     return r
 
 

@@ -57,12 +57,12 @@ def _submit(slurm: dict[str, str], run: Path, data: Path, log: Path, *sets: str)
 
 
 def _finish(slurm: dict[str, str], job: str, log: Path, port: int) -> str:
-    """Wait for the job; return its final state. DeepSpeed's CPU all-reduce can leave its
-    shared-memory buffers (69 MB each, named after the port) behind: remove this job's."""
+    """Wait for the job; return its final state. The ranks unlinked DeepSpeed's shared-memory
+    all-reduce buffers (69 MB each, named after the port) once mapped: none is left."""
     state = wait_done(slurm, job, timeout=JOB_TIMEOUT_S)
-    for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        Path(leftover).unlink()
     assert not state.startswith("timed out"), f"{state}\n{queue(slurm)}\n{log.read_text()[-3000:]}"
+    left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not left, f"shared-memory buffers left behind: {left}"
     return state
 
 
