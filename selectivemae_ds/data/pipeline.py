@@ -61,6 +61,7 @@ from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.infobatch import EpochPlan, InfoBatch
 from selectivemae_ds.data.shards import RecordCorruptError, ShardedDataset
+from selectivemae_ds.data.store import RemoteOptions
 from selectivemae_ds.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,10 @@ class _SampleSource:
 
     def __init__(self, root: str, *, seed: int, first_batch: int, global_batch: int, rank: int,
                  world_size: int, batches_per_epoch: int, scale: tuple[float, float],
-                 ratio: tuple[float, float], hflip: float, epoch: int = 0, kept: np.ndarray | None = None):
-        self.dataset = ShardedDataset(root)
+                 ratio: tuple[float, float], hflip: float, epoch: int = 0, kept: np.ndarray | None = None,
+                 remote: RemoteOptions | None = None):
+        # An object store root opens its client lazily in each worker process (store.py).
+        self.dataset = ShardedDataset(root, remote=remote)
         self.n = len(self.dataset)
         self.seed = seed
         self.first_batch = first_batch
@@ -323,7 +326,7 @@ class InputPipeline:
         # normalization; moved to the training device on first use (never touched under mixed).
         self._scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
         self._bias = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
-        self._dataset = ShardedDataset(cfg.path)
+        self._dataset = ShardedDataset(cfg.path, remote=cfg.remote_options())
         self._n = len(self._dataset)
         self._steps_per_epoch = order.steps_per_epoch(self._n, global_batch)
         self._batches_done = 0  # absolute global batches completed (all epochs)
@@ -424,7 +427,7 @@ class InputPipeline:
         source = _SampleSource(
             str(self.cfg.path), seed=self.seed, global_batch=self.global_batch, rank=self.rank,
             world_size=self.world_size, scale=tuple(self.cfg.scale), ratio=tuple(self.cfg.ratio),
-            hflip=self.cfg.hflip, **epoch_kw)
+            hflip=self.cfg.hflip, remote=self.cfg.remote_options(), **epoch_kw)
         gpu = self.decode_device == "mixed"
         pipe = Pipeline(
             batch_size=self.micro_batch, num_threads=self.cfg.decode_threads,

@@ -86,8 +86,8 @@ class RemoteOptions:
 
     def check(self) -> None:
         if not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ConfigError(f"data.retries: need >= 0 retries (attempts >= 1), got {self.attempts - 1!r}")
-        if not self.backoff_s >= 0:
+            raise ConfigError(f"data.retries: need >= 0 retries (attempts >= 1), got {self.attempts!r} attempts")
+        if not (isinstance(self.backoff_s, (int, float)) and self.backoff_s >= 0):
             raise ConfigError(f"data.retry_backoff_s: need >= 0 seconds, got {self.backoff_s!r}")
         if self.cache_dir and self.cache_max_bytes <= 0:
             raise ConfigError("data.cache_max_gb: a bound > 0 is needed when data.cache_dir is set")
