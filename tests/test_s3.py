@@ -297,6 +297,28 @@ def test_train_from_s3_and_resume_equal_to_a_straight_run(s3: SimpleNamespace, t
     for step in (3, 4):
         assert b[step]["samples_seen"] == a[step]["samples_seen"]
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7)
-    assert BlockCache(tmp_path / "cache", 1_000_000).usage() <= 1_000_000
+    assert 0 < BlockCache(tmp_path / "cache", 1_000_000).usage() <= 1_000_000
     resolved = (straight / "config.toml").read_text()
     assert f'path = "{s3.url}"' in resolved and "AWS_SECRET" not in resolved and "testing" not in resolved
+
+
+@pytest.mark.slow
+def test_pipeline_stops_with_a_data_error_when_the_store_stays_unreachable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_dataset: Path) -> None:
+    from selectivemae_ds.data.pipeline import InputPipeline
+
+    srv = _server()
+    host, port = srv.get_host_and_port()
+    _use(monkeypatch, f"http://{host}:{port}")
+    bucket, _client = _bucket(f"http://{host}:{port}")
+    url = f"s3://{bucket}/ds"
+    upload(local_dataset, url)
+    cfg = DataConfig(path=url, img_size=64, workers=1, decode_threads=1, prefetch=1, device="cpu", retries=2,
+                     retry_backoff_s=0.01)
+    with InputPipeline(cfg, seed=1, global_batch=4, micro_batch=4, rank=0, world_size=1) as pipe:
+        assert next(pipe).shape == (4, 3, 64, 64)
+        srv.stop()
+        with pytest.raises(RemoteReadError, match=rf"^{url}/shard-0000\d.zarr\S*: (GET|LIST)\b.* failed 3 time\(s\); "
+                                                  r"last error: .*\(in a loader worker process\)$"):
+            for _ in range(len(ShardedDataset(local_dataset))):
+                next(pipe)

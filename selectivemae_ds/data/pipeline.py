@@ -48,6 +48,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import struct
 import sys
@@ -254,6 +255,25 @@ class _SampleSource:
             np.array(int(mirror), dtype=np.int32),
             np.array([k, index, used, int(used != index)], dtype=np.int64),
         )
+
+
+_WORKER_ERROR = re.compile(r"^(selectivemae_ds\.data\.[\w.]+)\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _worker_data_error(e: Exception) -> DataError | None:
+    """The :class:`DataError` a DALI worker raised (a shard refused, an object store that stayed
+    unreachable through its retries), rebuilt with its type and message from the traceback text
+    DALI passes on; None for any other exception (it propagates as it is)."""
+    found = _WORKER_ERROR.findall(str(e))
+    if not found:
+        return None
+    module, name, message = found[-1]
+    cls = getattr(sys.modules.get(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DataError)):
+        return None
+    err = DataError.__new__(cls)
+    DataError.__init__(err, f"{message} (in a loader worker process)")
+    return err
 
 
 @contextlib.contextmanager
@@ -474,7 +494,10 @@ class InputPipeline:
             self.close()
         if self._pipe is None:
             self._build()
-        images_tl, meta_tl, *mirror_tl = self._pipe.run()
+        try:
+            images_tl, meta_tl, *mirror_tl = self._pipe.run()
+        except Exception as e:  # DALI re-raises a worker's exception as a plain Exception
+            raise _worker_data_error(e) or e
         meta = np.array(meta_tl.as_tensor())  # (micro_batch, 4) int64, host data already
         expected = np.arange(self._k, self._k + self.micro_batch)
         if not np.array_equal(meta[:, _META_K], expected):
