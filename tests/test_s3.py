@@ -95,6 +95,8 @@ def test_remote_records_equal_the_local_ones(s3: SimpleNamespace, local_dataset:
     upload(local_dataset, s3.url)
     remote = ShardedDataset(s3.url)
     assert str(remote.root) == s3.url and remote.manifest == ShardedDataset(local_dataset).manifest
+    remote.read(0)
+    assert "source/c/0" not in remote.shard(0)._group.store._store_dict  # fetched on first use only
     assert contents(remote) == contents(ShardedDataset(local_dataset))
 
 

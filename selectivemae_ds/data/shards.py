@@ -448,8 +448,8 @@ class _RemoteHeap(_DirectHeap):
         else:
             index_bytes = self.per_shard * 16
             start = size - index_bytes - 4
-            tail = self.store.cached_range(f"{self.digest}/c{k}.index", self._key(k), start, size) \
-                if start >= 0 else b""
+            tail = self.store.cached(f"{self.digest}/c{k}.index", index_bytes + 4,
+                                     lambda: self.store.get_range(self._key(k), start, size)) if start >= 0 else b""
             got = (0, self.check_index(k, tail, size))
         self._index[k] = got
         return got
@@ -488,7 +488,7 @@ class _RemoteHeap(_DirectHeap):
 
     def read(self, a: int, b: int) -> bytes:
         """Heap bytes [a, b)."""
-        return self.store.cached_range(f"{self.digest}/{a}-{b}", "", a, b, fetch=lambda: self._fetch(a, b))
+        return self.store.cached(f"{self.digest}/{a}-{b}", b - a, lambda: self._fetch(a, b))
 
     def close(self) -> None:
         self._index.clear()
@@ -556,34 +556,51 @@ def _offsets_problem(name: str, off: np.ndarray, heap_size: int) -> ShardProblem
     return None
 
 
-def _open_remote_group(store: RemoteStore, name: str) -> tuple[Any, dict[int, int], bytes] | None:
-    """The Zarr group of shard ``name`` from its small objects, fetched whole into memory,
-    {k: size} of its heap files ``bytes/c/k`` and the heap's ``zarr.json`` (None when the
-    shard has no objects at all).
-    Network failures raise (RemoteReadError): they are not a property of the data."""
+def _shard_objects_store(remote: RemoteStore, name: str, small: dict[str, bytes], lazy: set[str]) -> Any:
+    """A read-only in-memory Zarr store of shard ``name``'s objects ``small`` (relative keys); the
+    keys in ``lazy`` (the source array's chunks: ~100 bytes a record, read only to name a
+    record) are fetched from ``remote`` on first read. Keys in neither do not exist."""
     from zarr.core.buffer import cpu
     from zarr.storage import MemoryStore
 
+    class ShardObjects(MemoryStore):
+        def _fill(self, key: str) -> None:
+            if key in lazy and key not in self._store_dict:
+                self._store_dict[key] = cpu.Buffer.from_bytes(remote.get(f"{name}/{key}"))
+
+        def get_sync(self, key: str, **kw: Any) -> Any:
+            self._fill(key)
+            return super().get_sync(key, **kw)
+
+        async def get(self, key: str, *args: Any, **kw: Any) -> Any:
+            self._fill(key)
+            return await super().get(key, *args, **kw)
+
+    return ShardObjects({k: cpu.Buffer.from_bytes(v) for k, v in small.items()}, read_only=True)
+
+
+def _open_remote_group(store: RemoteStore, name: str) -> tuple[Any, dict[int, int], bytes] | None:
+    """The Zarr group of shard ``name`` from its small objects, fetched whole into memory (the
+    sources on first use), {k: size} of its heap files ``bytes/c/k`` and the heap's
+    ``zarr.json`` (None when the shard has no objects at all). Network failures raise
+    (RemoteReadError): they are not a property of the data."""
     listing = store.list(name)
     if f"{name}/zarr.json" not in listing:
         return None
     heap_prefix = f"{name}/bytes/c/"
     heap_files: dict[int, int] = {}
-    small: dict[str, Any] = {}
-    heap_meta = b""
+    small: dict[str, bytes] = {}
+    lazy: set[str] = set()
     for key, size in sorted(listing.items()):
         rel = key[len(name) + 1:]
-        if key.startswith(heap_prefix):
-            tail = key[len(heap_prefix):]
-            if tail.isdigit():
-                heap_files[int(tail)] = size
-                continue
-        raw = store.get(key)
-        if rel == "bytes/zarr.json":
-            heap_meta = raw
-        small[rel] = cpu.Buffer.from_bytes(raw)
-    group = zarr.open_group(store=MemoryStore(small, read_only=True), mode="r", zarr_format=3)
-    return group, heap_files, heap_meta
+        if key.startswith(heap_prefix) and key[len(heap_prefix):].isdigit():
+            heap_files[int(key[len(heap_prefix):])] = size
+        elif rel.startswith("source/c/"):
+            lazy.add(rel)
+        else:
+            small[rel] = store.get(key)
+    group = zarr.open_group(store=_shard_objects_store(store, name, small, lazy), mode="r", zarr_format=3)
+    return group, heap_files, small.get("bytes/zarr.json", b"")
 
 
 def check_shard(root: str | os.PathLike | RemoteStore,

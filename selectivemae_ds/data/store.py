@@ -213,16 +213,18 @@ class RemoteStore:
 
         self._call("DELETE", key, lambda c: obstore.delete(c, key))
 
-    def cached_range(self, cache_key: str, key: str, start: int, end: int,
-                     fetch: Callable[[], bytes] | None = None) -> bytes:
-        """Bytes [start, end) of ``key``, through the cache under ``cache_key`` when there is one."""
-        if self.cache is not None:
-            data = self.cache.get(cache_key)
-            if data is not None and len(data) == end - start:
-                return data
-        data = fetch() if fetch is not None else self.get_range(key, start, end)
-        if self.cache is not None:
-            self.cache.put(cache_key, data)
+    def cached(self, cache_key: str, size: int, fetch: Callable[[], bytes]) -> bytes:
+        """``size`` bytes from the cache under ``cache_key`` when it holds them, else ``fetch()``
+        (then cached). An entry of another size is dropped and fetched again."""
+        if self.cache is None:
+            return fetch()
+        data = self.cache.get(cache_key)
+        if data is not None and len(data) == size:
+            return data
+        if data is not None:
+            self.cache.drop(cache_key)
+        data = fetch()
+        self.cache.put(cache_key, data)
         return data
 
 
@@ -257,6 +259,14 @@ class BlockCache:
         except FileNotFoundError:
             return None
         return data
+
+    def drop(self, key: str) -> None:
+        """Remove an entry (the next eviction pass recounts the usage)."""
+        fd = self._locked()
+        try:
+            self._path(key).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     def _locked(self) -> int:
         fd = os.open(self.dir / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
