@@ -6,6 +6,7 @@ the bundled images to the server, verify, train from it and resume.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -18,7 +19,9 @@ from data_prep.cli import main as cli_main
 from data_prep.pack import PackConfig, ShardAssembler, default_staging, pack
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.shards import ShardedDataset, ShardFormatError
-from selectivemae_ds.data.store import BlockCache, RemoteOptions, RemoteReadError, RemoteStore, is_remote
+from selectivemae_ds.data.store import (
+    BlockCache, ObjectMissing, RemoteOptions, RemoteReadError, RemoteStore, is_remote,
+)
 from selectivemae_ds.errors import ConfigError
 from shard_fixtures import build_dataset
 
@@ -158,6 +161,35 @@ def test_stopped_server_is_retried_then_a_data_error(tmp_path: Path, monkeypatch
     assert waits == [0.01, 0.02]  # backoff doubles between the attempts
     with pytest.raises(RemoteReadError, match=rf"^{url}/shard-00001.zarr: LIST failed 3 time\(s\)"):
         ds.read(int(ds._starts[1]))
+
+
+def test_errors_are_retried_or_refused_by_kind() -> None:
+    from obstore import exceptions as obx
+
+    waits: list[float] = []
+    store = RemoteStore("s3://bucket/x", RemoteOptions(attempts=3, backoff_s=0.25), sleep=waits.append)
+    store._client, store._pid = object(), os.getpid()
+    calls: list[str] = []
+
+    def failing(exc: BaseException) -> Any:
+        def fn(_client: Any) -> bytes:
+            calls.append(type(exc).__name__)
+            raise exc
+        return fn
+
+    with pytest.raises(ConfigError, match=r"^s3://bucket/x/k: GET refused \(PermissionDeniedError: denied\); "
+                                          r"check AWS_ACCESS_KEY_ID"):
+        store._call("GET", "k", failing(obx.PermissionDeniedError("denied")))
+    with pytest.raises(ObjectMissing, match=r"^s3://bucket/x/k: no such object \(GET\)$"):
+        store._call("GET", "k", failing(FileNotFoundError("gone")))
+    assert calls == ["PermissionDeniedError", "FileNotFoundError"] and waits == []
+    with pytest.raises(RemoteReadError, match=r"^s3://bucket/x/k: GET failed 3 time\(s\); last error: "
+                                              r"ConnectionResetError: reset$"):
+        store._call("GET", "k", failing(ConnectionResetError("reset")))
+    assert waits == [0.25, 0.5]
+    with pytest.raises(KeyError):  # anything else is a bug: raised as it is, not retried
+        store._call("GET", "k", failing(KeyError("bug")))
+    assert calls[-1] == "KeyError" and len(calls) == 6
 
 
 def test_cache_serves_reads_and_never_exceeds_its_bound(s3: SimpleNamespace, tmp_path: Path,

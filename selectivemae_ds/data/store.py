@@ -139,7 +139,11 @@ class RemoteStore:
         return self._client
 
     def _call(self, what: str, key: str, fn: Callable[[Any], T]) -> T:
-        """``fn(client)`` with bounded retries; ObjectMissing / RemoteReadError name the object."""
+        """``fn(client)`` with bounded retries of network and server errors; ObjectMissing,
+        ConfigError (credentials, a path or operation the store refuses: never retried) and
+        RemoteReadError name the object."""
+        from obstore import exceptions as obx
+
         where = join(self.url, key)
         delay = self.options.backoff_s
         last: BaseException | None = None
@@ -149,11 +153,14 @@ class RemoteStore:
                 delay *= 2
             try:
                 return fn(self._store())
-            except FileNotFoundError as e:
+            except (FileNotFoundError, obx.NotFoundError) as e:
                 raise ObjectMissing(f"{where}: no such object ({what})") from e
-            except ConfigError:
-                raise
-            except Exception as e:  # obstore raises its own types for network and server errors
+            except (obx.PermissionDeniedError, obx.UnauthenticatedError) as e:
+                raise ConfigError(f"{where}: {what} refused ({_short(e)}); check AWS_ACCESS_KEY_ID, "
+                                  "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) or the bucket policy") from e
+            except (obx.InvalidPathError, obx.NotSupportedError, obx.UnknownConfigurationKeyError) as e:
+                raise ConfigError(f"{where}: {what} not possible on this store ({_short(e)})") from e
+            except (obx.BaseError, OSError) as e:  # network (OSError: connection, timeout) and server errors
                 last = e
         assert last is not None
         raise RemoteReadError(f"{where}: {what} failed {self.options.attempts} time(s); last error: "
