@@ -33,7 +33,7 @@ from data_prep.merge import MergeConfig, format_merge_summary, merge
 from data_prep.parts import parse_part
 from data_prep.verify import format_result, verify_dataset
 from selectivemae_ds.data.store import is_remote
-from selectivemae_ds.errors import EXIT_DATA, run_cli
+from selectivemae_ds.errors import EXIT_DATA, ConfigError, run_cli
 
 
 def _location(text: str) -> Path | str:
@@ -146,7 +146,7 @@ def merge_parser() -> argparse.ArgumentParser:
                      "input order wins) through per-shard exclusion lists, without rewriting any shard, and "
                      "writes DIR/manifest.json atomically. The result reads like a single-node pack."),
     )
-    p.add_argument("dir", type=Path, metavar="DIR", help="the --out directory of the parts (holds part-I-of-N/)")
+    p.add_argument("dir", type=_location, metavar="DIR", help="the --out directory of the parts (holds part-I-of-N/)")
     p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for missing, unfinished or running parts (default %(default)s: "
                         "refuse at once, naming them)")
@@ -179,6 +179,9 @@ def _verify(argv: list[str]) -> int:
 
 def _merge(argv: list[str]) -> int:
     args = merge_parser().parse_args(argv)
+    if isinstance(args.dir, str):
+        raise ConfigError(f"smae-pack merge: {args.dir} is an object store URL; merge the parts on the shared file "
+                          "system they were packed to, then copy the dataset to the bucket (manifest.json last)")
     doc = merge(MergeConfig(out=args.dir, wait=args.wait, progress=not args.quiet))
     if args.report is not None:
         write_report(args.report, doc)

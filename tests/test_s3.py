@@ -245,6 +245,13 @@ def test_data_config_accepts_a_url_and_checks_the_remote_keys() -> None:
     assert opts == RemoteOptions(attempts=3, backoff_s=0.1, cache_dir="/c", cache_max_bytes=2_500_000_000)
 
 
+def test_parts_and_merge_refuse_an_object_store(capsys: pytest.CaptureFixture[str], assets_dir: Path) -> None:
+    assert cli_main([str(assets_dir), "--out", "s3://bucket/ds", "--part", "0/2", "--quiet"]) == 2
+    assert "--part: a multi-node pack writes to a shared file system, not an object store" in capsys.readouterr().err
+    assert cli_main(["merge", "s3://bucket/ds"]) == 2
+    assert "smae-pack merge: s3://bucket/ds is an object store URL" in capsys.readouterr().err
+
+
 def _run_cli(argv: list[str]) -> tuple[int, str]:
     buf = io.StringIO()
     stdout, sys.stdout = sys.stdout, buf
