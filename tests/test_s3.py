@@ -130,8 +130,11 @@ def test_corrupt_objects_are_refused_by_name(s3: SimpleNamespace, local_dataset:
                .to_bytes(8, "little"))
     # A heap file overwritten with other bytes of the same length -> its chunk index checksum fails.
     _overwrite(s3, "ds/shard-00002.zarr/bytes/c/0", lambda b: bytes(len(b)))
+    # The group's metadata replaced by something that is not JSON -> the shard is unreadable.
+    s3.client.put_object(Bucket=s3.bucket, Key="ds/shard-00000.zarr/zarr.json", Body=b"{not json")
     ds = ShardedDataset(s3.url)
-    assert len(ds.read(0)) > 0
+    with pytest.raises(ShardFormatError, match=rf"^{s3.url}/shard-00000.zarr: unreadable shard \("):
+        ds.read(0)
     with pytest.raises(ShardFormatError, match=rf"^{s3.url}/shard-00001.zarr: index digest does not match the "
                                                r"manifest \(index corrupted\)$"):
         ds.read(int(ds._starts[1]))

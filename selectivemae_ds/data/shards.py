@@ -57,6 +57,8 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
+from zarr.core.buffer import cpu
+from zarr.storage import MemoryStore
 
 from selectivemae_ds.atomic import atomic_write_text, fsync_dir
 from selectivemae_ds.data.store import ObjectMissing, RemoteOptions, RemoteStore, is_remote, join
@@ -556,34 +558,33 @@ def _offsets_problem(name: str, off: np.ndarray, heap_size: int) -> ShardProblem
     return None
 
 
-def _shard_objects_store(remote: RemoteStore, name: str, small: dict[str, bytes], lazy: set[str]) -> Any:
-    """A read-only in-memory Zarr store of shard ``name``'s objects ``small`` (relative keys); the
-    keys in ``lazy`` (the source array's chunks: ~100 bytes a record, read only to name a
-    record) are fetched from ``remote`` on first read. Keys in neither do not exist."""
-    from zarr.core.buffer import cpu
-    from zarr.storage import MemoryStore
+class _ShardObjects(MemoryStore):
+    """A read-only in-memory Zarr store of one remote shard's small objects (keys relative to
+    the shard); the keys in ``lazy`` (the source array's chunks: ~100 bytes a record, read only
+    to name a record) are fetched from the object store on first read. Keys in neither do not
+    exist (for the heap's chunk files: never read through zarr, see :class:`_RemoteHeap`)."""
 
-    class ShardObjects(MemoryStore):
-        def _fill(self, key: str) -> None:
-            if key in lazy and key not in self._store_dict:
-                self._store_dict[key] = cpu.Buffer.from_bytes(remote.get(f"{name}/{key}"))
+    def __init__(self, small: dict[str, bytes], remote: RemoteStore, name: str, lazy: set[str]):
+        super().__init__({k: cpu.Buffer.from_bytes(v) for k, v in small.items()}, read_only=True)
+        self._remote, self._name, self._lazy = remote, name, lazy
 
-        def get_sync(self, key: str, **kw: Any) -> Any:
-            self._fill(key)
-            return super().get_sync(key, **kw)
+    def _fill(self, key: str) -> None:
+        if key in self._lazy and key not in self._store_dict:
+            self._store_dict[key] = cpu.Buffer.from_bytes(self._remote.get(f"{self._name}/{key}"))
 
-        async def get(self, key: str, *args: Any, **kw: Any) -> Any:
-            self._fill(key)
-            return await super().get(key, *args, **kw)
+    def get_sync(self, key: str, **kw: Any) -> Any:
+        self._fill(key)
+        return super().get_sync(key, **kw)
 
-    return ShardObjects({k: cpu.Buffer.from_bytes(v) for k, v in small.items()}, read_only=True)
+    async def get(self, key: str, *args: Any, **kw: Any) -> Any:
+        self._fill(key)
+        return await super().get(key, *args, **kw)
 
 
-def _open_remote_group(store: RemoteStore, name: str) -> tuple[Any, dict[int, int], bytes] | None:
-    """The Zarr group of shard ``name`` from its small objects, fetched whole into memory (the
-    sources on first use), {k: size} of its heap files ``bytes/c/k`` and the heap's
-    ``zarr.json`` (None when the shard has no objects at all). Network failures raise
-    (RemoteReadError): they are not a property of the data."""
+def _remote_shard_objects(store: RemoteStore, name: str) -> tuple[_ShardObjects, dict[int, int], bytes] | None:
+    """Shard ``name``'s small objects, fetched whole (the sources on first use), {k: size} of
+    its heap files ``bytes/c/k`` and the heap's ``zarr.json`` (None when the shard has no
+    objects at all). Network failures raise (RemoteReadError): they are not a property of the data."""
     listing = store.list(name)
     if f"{name}/zarr.json" not in listing:
         return None
@@ -599,8 +600,7 @@ def _open_remote_group(store: RemoteStore, name: str) -> tuple[Any, dict[int, in
             lazy.add(rel)
         else:
             small[rel] = store.get(key)
-    group = zarr.open_group(store=_shard_objects_store(store, name, small, lazy), mode="r", zarr_format=3)
-    return group, heap_files, small.get("bytes/zarr.json", b"")
+    return _ShardObjects(small, store, name, lazy), heap_files, small.get("bytes/zarr.json", b"")
 
 
 def check_shard(root: str | os.PathLike | RemoteStore,
@@ -618,16 +618,17 @@ def check_shard(root: str | os.PathLike | RemoteStore,
     heap_files: dict[int, int] | None = None
     heap_meta = b""
     if isinstance(root, RemoteStore):
-        opened = _open_remote_group(root, name)
+        opened = _remote_shard_objects(root, name)
         if opened is None:
             return None, [ShardProblem(name, f"shard listed in the manifest is missing (no objects under "
                                              f"{join(root.url, name)}/)")]
-        group, heap_files, heap_meta = opened
+        zarr_store, heap_files, heap_meta = opened
     elif not (root / name).is_dir():
         return None, [ShardProblem(name, "shard listed in the manifest is missing")]
+    else:
+        zarr_store = str(root / name)
     try:
-        if heap_files is None:
-            group = zarr.open_group(str(root / name), mode="r", zarr_format=3)
+        group = zarr.open_group(zarr_store, mode="r", zarr_format=3)
         attrs = dict(group.attrs)
         arrays = {k: np.asarray(group[k][:]) for k in INDEX_ARRAYS}
         heap = group["bytes"]
