@@ -46,13 +46,13 @@ is lost, the rerun repacks and uploads the same objects again.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import multiprocessing
 import os
 import re
 import shutil
-import hashlib
 import sys
 import tempfile
 import time

@@ -37,7 +37,9 @@ permutation (positions p+1, p+2, ...; after ``MAX_SUBSTITUTE_TRIES`` failures, a
 mean-gray image that normalizes to ~0). The substitute keeps the crop/flip draw of
 the original slot, so the stream stays a pure function of (seed, epoch, position).
 Every substitution is flagged in the sample's meta, counted by the main process and
-logged: it never stops training and is never silent.
+logged: it never stops training and is never silent. A record that cannot be read at all
+(a shard refused by its checks, an object store still unreachable after its retries) is not
+substituted: the worker's DataError reaches the trainer and stops the run.
 """
 from __future__ import annotations
 
