@@ -20,7 +20,7 @@ from data_prep.pack import PackConfig, ShardAssembler, default_staging, pack
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.shards import ShardedDataset, ShardFormatError
 from selectivemae_ds.data.store import (
-    BlockCache, ObjectMissing, RemoteOptions, RemoteReadError, RemoteStore, is_remote,
+    BlockCache, ObjectMissing, RemoteAccessError, RemoteOptions, RemoteStore, is_remote,
 )
 from selectivemae_ds.errors import ConfigError
 from shard_fixtures import build_dataset
@@ -158,11 +158,11 @@ def test_stopped_server_is_retried_then_a_data_error(tmp_path: Path, monkeypatch
     srv.stop()
     sh = ds.shard(0)
     a, b = int(sh.offsets[0]), int(sh.offsets[1])
-    with pytest.raises(RemoteReadError, match=rf"^{url}/shard-00000.zarr/bytes/c/0: GET bytes {a}-{b} failed 3 "
+    with pytest.raises(RemoteAccessError, match=rf"^{url}/shard-00000.zarr/bytes/c/0: GET bytes {a}-{b} failed 3 "
                                               r"time\(s\); last error: \w+Error: .*error sending request"):
         ds.read(0)
     assert waits == [0.01, 0.02]  # backoff doubles between the attempts
-    with pytest.raises(RemoteReadError, match=rf"^{url}/shard-00001.zarr: LIST failed 3 time\(s\)"):
+    with pytest.raises(RemoteAccessError, match=rf"^{url}/shard-00001.zarr: LIST failed 3 time\(s\)"):
         ds.read(int(ds._starts[1]))
 
 
@@ -186,7 +186,7 @@ def test_errors_are_retried_or_refused_by_kind() -> None:
     with pytest.raises(ObjectMissing, match=r"^s3://bucket/x/k: no such object \(GET\)$"):
         store._call("GET", "k", failing(FileNotFoundError("gone")))
     assert calls == ["PermissionDeniedError", "FileNotFoundError"] and waits == []
-    with pytest.raises(RemoteReadError, match=r"^s3://bucket/x/k: GET failed 3 time\(s\); last error: "
+    with pytest.raises(RemoteAccessError, match=r"^s3://bucket/x/k: GET failed 3 time\(s\); last error: "
                                               r"ConnectionResetError: reset$"):
         store._call("GET", "k", failing(ConnectionResetError("reset")))
     assert waits == [0.25, 0.5]
@@ -236,6 +236,29 @@ def test_cache_fill_is_atomic_and_a_killed_fill_is_cleaned(tmp_path: Path) -> No
     assert sorted(p.name for p in (cache.objects / "d").iterdir()) == ["10-20"]
     assert int((cache.dir / "usage").read_text()) == 400 == cache.usage()
     assert not cache.put("d/huge", b"z" * 1001)
+
+
+def _fill_cache(directory: str, bound: int, seed: int) -> int:
+    """Fill a shared cache from another process; returns the largest usage it saw."""
+    import random
+
+    cache, rng, seen = BlockCache(directory, bound), random.Random(seed), 0
+    for i in range(150):
+        cache.put(f"p{seed}/{i}", bytes(rng.randrange(100, 2500)))
+        if i % 10 == 0:
+            seen = max(seen, cache.usage())
+    return seen
+
+
+def test_cache_bound_holds_with_processes_filling_it_at_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    bound = 20_000
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        seen = pool.starmap(_fill_cache, [(str(tmp_path / "c"), bound, s) for s in range(3)])
+    cache = BlockCache(tmp_path / "c", bound)
+    assert max(seen) <= bound and 0.5 * bound < cache.usage() <= bound
+    assert int((tmp_path / "c" / "usage").read_text()) >= cache.usage()  # never an under-count
 
 
 def test_data_config_accepts_a_url_and_checks_the_remote_keys() -> None:
@@ -362,7 +385,7 @@ def test_pipeline_stops_with_a_data_error_when_the_store_stays_unreachable(
     with InputPipeline(cfg, seed=1, global_batch=4, micro_batch=4, rank=0, world_size=1) as pipe:
         assert next(pipe).shape == (4, 3, 64, 64)
         srv.stop()
-        with pytest.raises(RemoteReadError, match=rf"^{url}/shard-0000\d.zarr\S*: (GET|LIST)\b.* failed 3 time\(s\); "
+        with pytest.raises(RemoteAccessError, match=rf"^{url}/shard-0000\d.zarr\S*: (GET|LIST)\b.* failed 3 time\(s\); "
                                                   r"last error: .*\(in a loader worker process\)$"):
             for _ in range(len(ShardedDataset(local_dataset))):
                 next(pipe)

@@ -584,7 +584,7 @@ class _ShardObjects(MemoryStore):
 def _remote_shard_objects(store: RemoteStore, name: str) -> tuple[_ShardObjects, dict[int, int], bytes] | None:
     """Shard ``name``'s small objects, fetched whole (the sources on first use), {k: size} of
     its heap files ``bytes/c/k`` and the heap's ``zarr.json`` (None when the shard has no
-    objects at all). Network failures raise (RemoteReadError): they are not a property of the data."""
+    objects at all). Network failures raise (RemoteAccessError): they are not a property of the data."""
     listing = store.list(name)
     if f"{name}/zarr.json" not in listing:
         return None

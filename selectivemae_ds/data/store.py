@@ -17,7 +17,7 @@ fork), so DALI's spawned workers each open their own connections after unpicklin
 
 Retries: obstore's own retry loop is switched off and :meth:`RemoteStore._call` retries every
 error except "not found" ``attempts`` times in all, with exponential backoff, then raises a
-:class:`RemoteReadError` (a :class:`DataError`) naming the object and the last error. A
+:class:`RemoteAccessError` (a :class:`DataError`) naming the object and the last error. A
 missing object raises :class:`ObjectMissing` at once.
 
 Cache: :class:`BlockCache`, an optional local directory bounded in bytes (LRU by mtime),
@@ -67,8 +67,8 @@ class ObjectMissing(DataError):
     """The object does not exist in the store (never retried)."""
 
 
-class RemoteReadError(DataError):
-    """Every attempt to reach an object failed; names the object and the last error."""
+class RemoteAccessError(DataError):
+    """Every attempt at a request (read, list or upload) failed; names the object and the last error."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class RemoteStore:
     def _call(self, what: str, key: str, fn: Callable[[Any], T]) -> T:
         """``fn(client)`` with bounded retries of network and server errors; ObjectMissing,
         ConfigError (credentials, a path or operation the store refuses: never retried) and
-        RemoteReadError name the object."""
+        RemoteAccessError name the object."""
         from obstore import exceptions as obx
 
         where = join(self.url, key)
@@ -163,7 +163,7 @@ class RemoteStore:
             except (obx.BaseError, OSError) as e:  # network (OSError: connection, timeout) and server errors
                 last = e
         assert last is not None
-        raise RemoteReadError(f"{where}: {what} failed {self.options.attempts} time(s); last error: "
+        raise RemoteAccessError(f"{where}: {what} failed {self.options.attempts} time(s); last error: "
                               f"{_short(last)}") from last
 
     def get(self, key: str) -> bytes:
