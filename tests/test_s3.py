@@ -320,6 +320,9 @@ def test_pack_to_s3_verify_and_read_back_equal_to_a_local_pack(s3: SimpleNamespa
 def test_pack_to_s3_killed_after_a_shard_resumes_to_the_same_dataset(s3: SimpleNamespace, tmp_path: Path,
                                                                       assets_dir: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the default staging goes under TMPDIR
     local = tmp_path / "local"
     pack(PackConfig(sources=[str(assets_dir)], out=local, progress=False, images_per_shard=4))
     cfg = dict(sources=[str(assets_dir)], out=s3.url, progress=False, images_per_shard=4)
@@ -344,7 +347,9 @@ def test_pack_to_s3_killed_after_a_shard_resumes_to_the_same_dataset(s3: SimpleN
     doc = pack(PackConfig(**cfg))
     assert doc["run"] == "resumed run" and doc["packed"] == 13
     assert contents(ShardedDataset(s3.url)) == contents(ShardedDataset(local))
-    assert not default_staging(s3.url).joinpath(".smae-pack-work").exists()
+    staging = default_staging(s3.url)
+    assert staging.parent == tmp_path / "tmp" / "smae-pack-staging"
+    assert sorted(p.name for p in staging.iterdir()) == [".lock"]
 
 
 @pytest.mark.slow
