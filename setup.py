@@ -33,12 +33,14 @@ setup(
         "safetensors",
         # Shard index checksums (selectivemae_ds.data.shards imports google_crc32c).
         "google-crc32c>=1.5",
+        # Datasets on object storage (selectivemae_ds.data.store).
+        "obstore>=0.12",
     ],
     extras_require={
         # CUDA 12 clusters: install with --no-deps for DALI or uninstall the cuda130 build first.
         "cuda12": ["nvidia-dali-cuda120>=1.50"],
         "flash": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "moto[server]>=5.1"],
     },
     entry_points={
         "console_scripts": [

@@ -32,7 +32,14 @@ from data_prep.pack import (
 from data_prep.merge import MergeConfig, format_merge_summary, merge
 from data_prep.parts import parse_part
 from data_prep.verify import format_result, verify_dataset
-from selectivemae_ds.errors import EXIT_DATA, run_cli
+from selectivemae_ds.data.store import is_remote
+from selectivemae_ds.errors import EXIT_DATA, ConfigError, run_cli
+
+
+def _location(text: str) -> Path | str:
+    """A local directory (Path) or an object store URL such as s3://bucket/prefix (kept as text:
+    Path would fold its '//')."""
+    return text if is_remote(text) else Path(text)
 
 
 def _dedup_distance(text: str) -> int:
@@ -70,8 +77,8 @@ def _seconds(text: str) -> float:
 def pack_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smae-pack",
-        usage=("smae-pack SRC [SRC ...] --out DIR [--part I/N] [options]\n       smae-pack merge DIR [--wait SECONDS]"
-               "\n       smae-pack verify DIR"),
+        usage=("smae-pack SRC [SRC ...] --out DIR|s3://BUCKET/PREFIX [--part I/N] [options]\n"
+               "       smae-pack merge DIR [--wait SECONDS]\n       smae-pack verify DIR|s3://BUCKET/PREFIX"),
         description=("Pack remote-sensing images (directories, zip and tar archives) into Zarr v3 "
                      "shards of JPEG records (schema 1) for SelectiveMAE-DS pretraining: convert to "
                      "RGB 8-bit, skip tiny images, slice large ones, remove near-duplicates, write "
@@ -86,8 +93,14 @@ def pack_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC",
                    help="input directory (recursive), zip or tar archive (.tar, .tar.gz, .tgz, .tar.bz2, "
                         ".tar.xz) or image file; order matters: it is the record order")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
-                   help="output dataset directory (created; holds manifest.json and shard-NNNNN.zarr)")
+    p.add_argument("--out", required=True, type=_location, metavar="DIR",
+                   help="output dataset directory (created; holds manifest.json and shard-NNNNN.zarr), or an "
+                        "object store URL (s3://bucket/prefix; credentials and endpoint from AWS_* environment "
+                        "variables): shards are uploaded as they are finalized, the manifest last")
+    p.add_argument("--staging", type=Path, metavar="DIR",
+                   help="with an object store --out: the local directory to pack in before uploading (needs "
+                        "room for the work files and one shard; default: a directory under TMPDIR named after "
+                        "--out, so a rerun resumes)")
     p.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, metavar="N",
                    help="worker processes (default: all %(default)s cores); the output does not depend on it")
     p.add_argument("--images-per-shard", type=_positive, default=DEFAULT_IMAGES_PER_SHARD, metavar="N",
@@ -133,7 +146,7 @@ def merge_parser() -> argparse.ArgumentParser:
                      "input order wins) through per-shard exclusion lists, without rewriting any shard, and "
                      "writes DIR/manifest.json atomically. The result reads like a single-node pack."),
     )
-    p.add_argument("dir", type=Path, metavar="DIR", help="the --out directory of the parts (holds part-I-of-N/)")
+    p.add_argument("dir", type=_location, metavar="DIR", help="the --out directory of the parts (holds part-I-of-N/)")
     p.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for missing, unfinished or running parts (default %(default)s: "
                         "refuse at once, naming them)")
@@ -152,7 +165,8 @@ def verify_parser() -> argparse.ArgumentParser:
                      "stored size. Exit 0 when sound; exit 3 listing each problem with its shard and "
                      "record (an empty dataset fails too)."),
     )
-    p.add_argument("dir", type=Path, metavar="DIR", help="dataset directory written by smae-pack")
+    p.add_argument("dir", type=_location, metavar="DIR",
+                   help="dataset directory written by smae-pack, or its object store URL (s3://bucket/prefix)")
     return p
 
 
@@ -165,6 +179,9 @@ def _verify(argv: list[str]) -> int:
 
 def _merge(argv: list[str]) -> int:
     args = merge_parser().parse_args(argv)
+    if isinstance(args.dir, str):
+        raise ConfigError(f"smae-pack merge: {args.dir} is an object store URL; merge the parts on the shared file "
+                          "system they were packed to, then copy the dataset to the bucket (manifest.json last)")
     doc = merge(MergeConfig(out=args.dir, wait=args.wait, progress=not args.quiet))
     if args.report is not None:
         write_report(args.report, doc)
@@ -181,7 +198,7 @@ def _pack(argv: list[str]) -> int:
     cfg = PackConfig(sources=list(args.sources), out=args.out, workers=args.workers,
                      images_per_shard=args.images_per_shard, dedup_distance=args.dedup_distance,
                      options=options, restart=args.restart, progress=not args.quiet, wait_lock=args.wait_lock,
-                     part=None if args.part is None else parse_part(args.part))
+                     part=None if args.part is None else parse_part(args.part), staging=args.staging)
     try:
         doc = pack(cfg)
     except KeyboardInterrupt:

@@ -33,10 +33,20 @@ drops is still stored, and listed in its shard's ``exclude``; ``smae-pack merge`
 replays dedup over the records of all parts in the global order and needs every one of
 them (a record dropped inside a share may survive globally when what it duplicated is
 itself a duplicate of an earlier part's record).
+
+Object storage (``--out s3://bucket/prefix``, :mod:`selectivemae_ds.data.store`): the run
+packs into a local staging directory exactly as above (its lock, work directory and resume
+logic) and publishes as it goes: each shard's objects are uploaded when the shard is
+finalized (the group's ``zarr.json`` last), before the shard is logged as done, and its
+local copy is removed; ``manifest.json`` is uploaded last. A PUT is atomic, so a reader
+never sees half an object, and the manifest names only shards already uploaded. A rerun
+resumes from the staging directory (a logged shard must still be in the bucket); when it
+is lost, the rerun repacks and uploads the same objects again.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import multiprocessing
@@ -44,11 +54,13 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -64,6 +76,7 @@ from selectivemae_ds.atomic import atomic_write_text, check_writable_dir
 from selectivemae_ds.data.shards import (
     MANIFEST_NAME, SCHEMA_VERSION, ShardInfo, ShardWriter, read_manifest, shard_name, write_manifest,
 )
+from selectivemae_ds.data.store import RemoteStore, is_remote
 from selectivemae_ds.errors import ConfigError, DataError, RunError
 from selectivemae_ds.locking import LOCK_NAME, DirLock
 
@@ -88,8 +101,8 @@ class PackConfig:
 
     sources: list[str]
     """Directories, archives or image files, in order."""
-    out: Path
-    """Output dataset directory."""
+    out: Path | str
+    """Output dataset directory, or an object store URL (``s3://bucket/prefix``)."""
     workers: int = 1
     """Worker processes; 1 processes inline. Does not change the output."""
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
@@ -106,6 +119,31 @@ class PackConfig:
     """Seconds to wait for another run holding ``out`` to finish; 0 refuses at once."""
     part: tuple[int, int] | None = None
     """``(i, n)``: pack only share ``i`` (0-based) of ``n`` into ``out/part-i-of-n``."""
+    staging: Path | None = None
+    """``out`` on an object store: the local directory the run packs in before uploading
+    (default: :func:`default_staging`, under TMPDIR, named after ``out``)."""
+
+
+def default_staging(url: str) -> Path:
+    """The staging directory of an object store ``--out``: fixed for a URL, so a rerun resumes."""
+    tag = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "smae-pack-staging" / tag
+
+
+def shard_uploaded(store: RemoteStore, name: str) -> bool:
+    """Whether shard ``name`` is complete in the store (its group's zarr.json, uploaded last)."""
+    return store.exists(f"{name}/zarr.json")
+
+
+def upload_shard(store: RemoteStore, out: Path, name: str) -> None:
+    """PUT every file of the finalized shard ``out/name`` under ``name/``, its group's
+    ``zarr.json`` last (present means complete), then remove the local copy."""
+    local = out / name
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p == local / "zarr.json")
+    for p in files:
+        store.put_file(f"{name}/{p.relative_to(local).as_posix()}", p)
+    shutil.rmtree(local)
 
 
 def batch_size_for(n_inputs: int) -> int:
@@ -146,8 +184,11 @@ class ShardAssembler:
     """Consumes batch results in order: dedup, then append records to shards."""
 
     def __init__(self, out: Path, work: WorkDir, per_shard: int, dedup: NearDuplicateIndex,
-                 done: list[dict[str, Any]], keep_duplicates: bool = False):
+                 done: list[dict[str, Any]], keep_duplicates: bool = False,
+                 publish: Callable[[str], None] | None = None):
         self.out = out
+        self.publish = publish
+        """Called with a finalized shard's name before it is logged as done (uploads it)."""
         self.work = work
         self.per_shard = per_shard
         self.dedup = dedup
@@ -200,6 +241,8 @@ class ShardAssembler:
         assert self._writer is not None
         info = self._writer.finalize()
         info = replace(info, count=info.count - len(self._excluded), exclude=tuple(self._excluded))
+        if self.publish is not None:
+            self.publish(info.name)
         self._writer = None
         self._excluded = []
         self.done.append(info.to_json())
@@ -265,9 +308,15 @@ def _clear_ours(out: Path) -> None:
             _remove(p)
 
 
-def _prepare_out(cfg: PackConfig, out: Path, fingerprint: str, description: dict[str, Any]) -> str:
-    """Bring ``out`` (``--out``, or this part's directory in it) into a state this run can
-    continue from; return "fresh run", "resumed run" or "complete"."""
+def _prepare_out(cfg: PackConfig, out: Path, fingerprint: str, description: dict[str, Any],
+                 present: Callable[[str], bool] | None = None) -> str:
+    """Bring ``out`` (``--out``, this part's directory in it, or the staging directory of an
+    object store ``--out``) into a state this run can continue from; return "fresh run",
+    "resumed run" or "complete". ``present(name)``: whether a shard logged as done is still
+    where the dataset lives (default: a directory in ``out``)."""
+    if present is None:
+        def present(name: str) -> bool:
+            return (out / name).is_dir()
     work = WorkDir(out)
     has_manifest = (out / MANIFEST_NAME).is_file()
     if cfg.restart:
@@ -300,7 +349,7 @@ def _prepare_out(cfg: PackConfig, out: Path, fingerprint: str, description: dict
     done = work.read_shards()
     keep: list[dict[str, Any]] = []
     for s in done:
-        if (out / s["name"]).is_dir() and s["name"] == shard_name(len(keep)):
+        if s["name"] == shard_name(len(keep)) and present(s["name"]):
             keep.append(s)
         else:
             break
@@ -408,7 +457,7 @@ def _load_payload_or_recompute(work: WorkDir, items: list[InputItem], batch: int
     return load
 
 
-def summary_from(stats: dict[str, Any], shards: int, seconds: float, out: Path, workers: int,
+def summary_from(stats: dict[str, Any], shards: int, seconds: float, out: Path | str, workers: int,
                  ignored: int, state: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
     """The report document (also what is printed); ``part`` (i, n) for one part of a
     multi-node pack, whose ``packed`` and ``duplicate`` count its share alone."""
@@ -467,17 +516,25 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
     """
     t0 = time.monotonic()
     _check_config(cfg)
-    cfg.out = Path(cfg.out)
-    check_writable_dir(cfg.out, "--out")
-    out = cfg.out
-    if cfg.part is not None:
-        check_part_root(cfg.out)
-        out = check_writable_dir(part_dir(cfg.out, *cfg.part), "--out part directory")
+    store: RemoteStore | None = None
+    if is_remote(cfg.out):
+        if cfg.part is not None:
+            raise ConfigError("--part: a multi-node pack writes to a shared file system, not an object store; "
+                              "pack the parts and merge them there, then copy the dataset to the bucket")
+        store = RemoteStore(str(cfg.out))
+        out = check_writable_dir(cfg.staging or default_staging(store.url), "--staging")
+        refuse_parts_in(out)
     else:
-        refuse_parts_in(cfg.out)
+        cfg.out = Path(cfg.out)
+        out = check_writable_dir(cfg.out, "--out")
+        if cfg.part is not None:
+            check_part_root(cfg.out)
+            out = check_writable_dir(part_dir(cfg.out, *cfg.part), "--out part directory")
+        else:
+            refuse_parts_in(cfg.out)
     with DirLock(out, "smae-pack --out", wait=cfg.wait_lock):
         try:
-            return _pack_locked(cfg, out, t0)
+            return _pack_locked(cfg, out, t0, store)
         except OSError as e:
             if e.errno in OUT_OF_SPACE:
                 where = e.filename or out
@@ -489,7 +546,29 @@ def pack(cfg: PackConfig) -> dict[str, Any]:
             raise
 
 
-def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict[str, Any]:
+def _remote_done(cfg: PackConfig, store: RemoteStore, fingerprint: str) -> dict[str, Any] | None:
+    """The bucket's manifest when it is this run's (nothing to do); None when there is none. A
+    manifest of other inputs is refused, or with --restart deleted first, so no reader follows
+    it into shards this run overwrites."""
+    if not store.exists(MANIFEST_NAME):
+        return None
+    manifest = read_manifest(store)
+    if not cfg.restart and manifest.get("params", {}).get("fingerprint") == fingerprint:
+        return manifest
+    if not cfg.restart:
+        raise ConfigError(f"--out {store.url} already holds a dataset packed from different inputs or options. "
+                          "Use a fresh --out, or add --restart to replace it.")
+    store.delete(MANIFEST_NAME)
+    return None
+
+
+def _publish_manifest(store: RemoteStore, out: Path) -> None:
+    """Upload the staged manifest (the commit point) and remove the local copy."""
+    store.put_file(MANIFEST_NAME, out / MANIFEST_NAME)
+    (out / MANIFEST_NAME).unlink()
+
+
+def _pack_locked(cfg: PackConfig, out: Path, t0: float, store: RemoteStore | None = None) -> dict[str, Any]:
     if cfg.progress:
         print("smae-pack: listing inputs...", file=sys.stderr, flush=True)
     enum = enumerate_inputs(list(cfg.sources))
@@ -505,16 +584,29 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict[str, Any]:
     if cfg.part is not None:
         description["part"] = part_params(description, cfg.part, (lo, hi))
     fingerprint = fingerprint_of(description)
-    state = _prepare_out(cfg, out, fingerprint, description)
+    shown: Path | str = out if store is None else store.url
+    present: Callable[[str], bool] | None = None
+    publish: Callable[[str], None] | None = None
+    if store is not None:
+        manifest = _remote_done(cfg, store, fingerprint)
+        if manifest is not None:
+            _clear_ours(out)  # a kill after the manifest's upload left the staging state
+            return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, shown,
+                                cfg.workers, enum.ignored, "already complete, nothing to do", cfg.part)
+        present = partial(shard_uploaded, store)
+        publish = partial(upload_shard, store, out)
+    state = _prepare_out(cfg, out, fingerprint, description, present)
     if state == "complete":
         manifest = read_manifest(out)
-        return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, out,
+        if store is not None:  # killed between writing the staged manifest and uploading it
+            _publish_manifest(store, out)
+        return summary_from(manifest["stats"], len(manifest["shards"]), time.monotonic() - t0, shown,
                             cfg.workers, enum.ignored, "already complete, nothing to do", cfg.part)
 
     work = WorkDir(out)
     asm = ShardAssembler(out, work, cfg.images_per_shard,
                          NearDuplicateIndex(cfg.dedup_distance, expected=max(len(items), 1)),
-                         work.read_shards(), keep_duplicates=cfg.part is not None)
+                         work.read_shards(), keep_duplicates=cfg.part is not None, publish=publish)
     load = _load_payload_or_recompute(work, items, batch, cfg.options, out)
     bar = tqdm(total=len(items), unit="img", disable=not cfg.progress, file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True, desc="smae-pack")
@@ -539,8 +631,11 @@ def _pack_locked(cfg: PackConfig, out: Path, t0: float) -> dict[str, Any]:
     params["fingerprint"] = fingerprint
     # No timing in the manifest: the same inputs and options give a byte-identical file.
     write_manifest(out, shards, params, stats)
+    if store is not None:
+        _publish_manifest(store, out)
     work.remove()
-    return summary_from(stats, len(shards), time.monotonic() - t0, out, cfg.workers, enum.ignored, state, cfg.part)
+    return summary_from(stats, len(shards), time.monotonic() - t0, shown, cfg.workers, enum.ignored, state,
+                        cfg.part)
 
 
 def write_report(path: Path, doc: dict[str, Any]) -> None:

@@ -24,15 +24,15 @@ import io
 import os
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from selectivemae_ds.data.shards import (
-    CRC_MISMATCH, ShardFormatError, ShardProblem, check_shard, read_manifest, stored_count,
+    CRC_MISMATCH, Root, ShardFormatError, ShardProblem, check_shard, open_root, read_manifest, stored_count,
 )
+from selectivemae_ds.data.store import RemoteStore
 
 MAX_LISTED = 50
 READ_WINDOW = 64 * 1024 * 1024
@@ -52,7 +52,7 @@ class VerifyResult:
         return not self.problems
 
 
-def _records(heap: Any, off: np.ndarray) -> Iterator[tuple[int, bytes]]:
+def _records(read: Callable[[int, int], bytes], off: np.ndarray) -> Iterator[tuple[int, bytes]]:
     """(local index, bytes) of every record, reading the heap in ~64 MiB windows so a
     multi-GB shard is neither read record by record (slow) nor all at once (memory)."""
     n = off.size - 1
@@ -61,17 +61,17 @@ def _records(heap: Any, off: np.ndarray) -> Iterator[tuple[int, bytes]]:
         k = max(j + 1, int(np.searchsorted(off, off[j] + READ_WINDOW, side="right")) - 1)
         k = min(k, n)
         base = int(off[j])
-        block = heap[base:int(off[k])].tobytes()
+        block = read(base, int(off[k]))
         for jj in range(j, k):
             yield jj, block[int(off[jj]) - base:int(off[jj + 1]) - base]
         j = k
 
 
-def _record_problems(name: str, arrays: dict[str, np.ndarray], heap: Any,
+def _record_problems(name: str, arrays: dict[str, np.ndarray], read: Callable[[int, int], bytes],
                      sources: np.ndarray, exclude: frozenset[int]) -> Iterator[ShardProblem]:
     """crc32, JPEG decode and decoded size of every record of a shard whose index is sound
     (records the manifest excludes are never read by a reader and are not checked)."""
-    for j, data in _records(heap, arrays["offsets"]):
+    for j, data in _records(read, arrays["offsets"]):
         if j in exclude:
             continue
         src = str(sources[j])
@@ -91,7 +91,7 @@ def _record_problems(name: str, arrays: dict[str, np.ndarray], heap: Any,
             yield ShardProblem(name, f"decodes to {size[0]}x{size[1]}, the index says {stored[0]}x{stored[1]}", j, src)
 
 
-def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResult) -> None:
+def _verify_shard(root: Root, entry: dict[str, Any], first: int, res: VerifyResult) -> None:
     index, problems = check_shard(root, entry)
     exclude = entry.get("exclude", [])
     res.problems += [p.describe(first, exclude=exclude) for p in problems]
@@ -109,13 +109,14 @@ def _verify_shard(root: Path, entry: dict[str, Any], first: int, res: VerifyResu
                                                         f"{stored} records").describe())
         return
     res.problems += [p.describe(first, exclude=exclude)
-                     for p in _record_problems(entry["name"], index.arrays, index.heap, sources, frozenset(exclude))]
+                     for p in _record_problems(entry["name"], index.arrays, index.read, sources, frozenset(exclude))]
     res.records += entry["count"]
 
 
 def verify_dataset(root: str | os.PathLike[str]) -> VerifyResult:
-    """Check ``root`` completely; never raises for a damaged dataset."""
-    root = Path(root)
+    """Check ``root`` (a directory or an object store URL) completely; never raises for a damaged
+    dataset (a store that cannot be reached raises its DataError)."""
+    root = open_root(root)
     res = VerifyResult()
     try:
         manifest = read_manifest(root)
@@ -133,6 +134,8 @@ def verify_dataset(root: str | os.PathLike[str]) -> VerifyResult:
         _verify_shard(root, entry, first, res)
         first += entry["count"]
         res.shards += 1
+    if isinstance(root, RemoteStore):
+        return res  # objects outside the manifest are not listed: a bucket prefix may be huge
     strays = sorted(p.name for p in root.glob("shard-*.zarr") if p.name not in listed)
     if strays:
         res.notes.append(f"shard directories not in the manifest (ignored by readers): {strays[:5]}")

@@ -29,8 +29,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o666) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o666,
+                       durable: bool = True) -> Path:
     """Replace ``path`` with ``data`` atomically and durably; returns the path.
+
+    ``durable=False`` skips the fsyncs: still atomic (no reader or killed writer ever
+    leaves half a file), for files that may be lost in a power cut (a cache's entries).
 
     ``mode`` is filtered by the process umask (0o666 -> 0644 under the usual 022).
     A full disk or a read-only directory raises :class:`OSError` with the path named
@@ -44,14 +48,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"cannot write {target}: {os.strerror(e.errno or errno.EIO)}", str(target)) from e
-    fsync_dir(target.parent)
+    if durable:
+        fsync_dir(target.parent)
     return target
 
 

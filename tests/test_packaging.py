@@ -58,7 +58,7 @@ def test_wheel_declares_python_and_every_third_party_import(wheel: Path) -> None
     # Import name -> distribution, for every third-party module the packaged code imports.
     distribution = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "deepspeed": "deepspeed",
                     "nvidia": "nvidia-dali-cuda130", "zarr": "zarr", "numpy": "numpy", "PIL": "pillow",
-                    "tqdm": "tqdm", "safetensors": "safetensors", "google_crc32c": "google-crc32c",
+                    "tqdm": "tqdm", "safetensors": "safetensors", "google_crc32c": "google-crc32c", "obstore": "obstore",
                     "flash_attn": "flash-attn"}
     imported: set[str] = set()
     for package in ("selectivemae_ds", "data_prep"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selectivemae_ds.data.store import RemoteOptions, is_remote
 from selectivemae_ds.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -18,7 +19,8 @@ class DataConfig:
     keep them (``selectivemae_ds.config.fixed_on_resume``)."""
 
     path: str = ""
-    """Packed dataset directory (holds ``manifest.json`` and ``shard-*.zarr``), as written by smae-pack."""
+    """Packed dataset directory (holds ``manifest.json`` and ``shard-*.zarr``), as written by smae-pack,
+    or its object store URL (``s3://bucket/prefix``; credentials and endpoint from the AWS_* environment)."""
 
     img_size: int = field(default=224, metadata={"resume": "fixed"})
     """Side of the square model input in pixels; crops are resized (bicubic) to img_size x img_size."""
@@ -53,6 +55,20 @@ class DataConfig:
     dtype: str = "float32"
     """Element type of the delivered images: "float32" or "bfloat16"."""
 
+    cache_dir: str = ""
+    """Object store datasets only: a local directory caching the record bytes read (shared by all
+    workers and ranks of the machine; "" for none). Cached bytes are still crc32-checked."""
+
+    cache_max_gb: float = 0.0
+    """Bound of ``cache_dir`` in GB (10^9 bytes); least recently used records are evicted."""
+
+    retries: int = 4
+    """Object store datasets only: retries of a failed request (network or server error) before
+    the run stops with a data error naming the object; a missing object is never retried."""
+
+    retry_backoff_s: float = 0.5
+    """Wait before the first retry in seconds, doubled per retry (capped at 10 s)."""
+
     infobatch: bool = False
     """Prune well-learned samples each epoch (InfoBatch, as the public SelectiveMAE training
     script does; not in the paper). Off by default. See docs/loader.md, "InfoBatch"."""
@@ -71,7 +87,7 @@ class DataConfig:
         read on another machine, e.g. by smae-export)."""
         if not self.path:
             raise ConfigError("data.path: no dataset directory given")
-        if check_path and not Path(self.path).is_dir():
+        if check_path and not is_remote(self.path) and not Path(self.path).is_dir():
             raise ConfigError(f"data.path: {self.path} does not exist")
         if not isinstance(self.img_size, int) or self.img_size < 8:
             raise ConfigError(f"data.img_size: must be an integer >= 8, got {self.img_size!r}")
@@ -96,6 +112,16 @@ class DataConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"data.dtype: one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_infobatch(self.infobatch_ratio, self.infobatch_delta)
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigError(f"data.retries: need an integer >= 0, got {self.retries!r}")
+        if not isinstance(self.cache_max_gb, (int, float)) or self.cache_max_gb < 0:
+            raise ConfigError(f"data.cache_max_gb: need a size >= 0, got {self.cache_max_gb!r}")
+        self.remote_options().check()
+
+    def remote_options(self) -> RemoteOptions:
+        """How an object store ``path`` is read (retries, cache)."""
+        return RemoteOptions(attempts=self.retries + 1, backoff_s=self.retry_backoff_s, cache_dir=self.cache_dir,
+                             cache_max_bytes=int(self.cache_max_gb * 1e9))
 
 
 def check_infobatch(ratio: float, delta: float) -> None:

@@ -37,7 +37,9 @@ permutation (positions p+1, p+2, ...; after ``MAX_SUBSTITUTE_TRIES`` failures, a
 mean-gray image that normalizes to ~0). The substitute keeps the crop/flip draw of
 the original slot, so the stream stays a pure function of (seed, epoch, position).
 Every substitution is flagged in the sample's meta, counted by the main process and
-logged: it never stops training and is never silent.
+logged: it never stops training and is never silent. A record that cannot be read at all
+(a shard refused by its checks, an object store still unreachable after its retries) is not
+substituted: the worker's DataError reaches the trainer and stops the run.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import struct
 import sys
@@ -61,6 +64,7 @@ from selectivemae_ds.data import order
 from selectivemae_ds.data.config import DataConfig
 from selectivemae_ds.data.infobatch import EpochPlan, InfoBatch
 from selectivemae_ds.data.shards import RecordCorruptError, ShardedDataset
+from selectivemae_ds.data.store import RemoteOptions
 from selectivemae_ds.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -163,8 +167,10 @@ class _SampleSource:
 
     def __init__(self, root: str, *, seed: int, first_batch: int, global_batch: int, rank: int,
                  world_size: int, batches_per_epoch: int, scale: tuple[float, float],
-                 ratio: tuple[float, float], hflip: float, epoch: int = 0, kept: np.ndarray | None = None):
-        self.dataset = ShardedDataset(root)
+                 ratio: tuple[float, float], hflip: float, epoch: int = 0, kept: np.ndarray | None = None,
+                 remote: RemoteOptions | None = None):
+        # An object store root opens its client lazily in each worker process (store.py).
+        self.dataset = ShardedDataset(root, remote=remote)
         self.n = len(self.dataset)
         self.seed = seed
         self.first_batch = first_batch
@@ -253,6 +259,25 @@ class _SampleSource:
         )
 
 
+_WORKER_ERROR = re.compile(r"^(selectivemae_ds\.data\.[\w.]+)\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _worker_data_error(e: Exception) -> DataError | None:
+    """The :class:`DataError` a DALI worker raised (a shard refused, an object store that stayed
+    unreachable through its retries), rebuilt with its type and message from the traceback text
+    DALI passes on; None for any other exception (it propagates as it is)."""
+    found = _WORKER_ERROR.findall(str(e))
+    if not found:
+        return None
+    module, name, message = found[-1]
+    cls = getattr(sys.modules.get(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DataError)):
+        return None
+    err = DataError.__new__(cls)
+    DataError.__init__(err, f"{message} (in a loader worker process)")
+    return err
+
+
 @contextlib.contextmanager
 def _single_torch_thread() -> Iterator[None]:
     """Run torch's CPU kernels on the calling thread alone, restoring the caller's setting after.
@@ -323,7 +348,7 @@ class InputPipeline:
         # normalization; moved to the training device on first use (never touched under mixed).
         self._scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
         self._bias = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
-        self._dataset = ShardedDataset(cfg.path)
+        self._dataset = ShardedDataset(cfg.path, remote=cfg.remote_options())
         self._n = len(self._dataset)
         self._steps_per_epoch = order.steps_per_epoch(self._n, global_batch)
         self._batches_done = 0  # absolute global batches completed (all epochs)
@@ -424,7 +449,7 @@ class InputPipeline:
         source = _SampleSource(
             str(self.cfg.path), seed=self.seed, global_batch=self.global_batch, rank=self.rank,
             world_size=self.world_size, scale=tuple(self.cfg.scale), ratio=tuple(self.cfg.ratio),
-            hflip=self.cfg.hflip, **epoch_kw)
+            hflip=self.cfg.hflip, remote=self.cfg.remote_options(), **epoch_kw)
         gpu = self.decode_device == "mixed"
         pipe = Pipeline(
             batch_size=self.micro_batch, num_threads=self.cfg.decode_threads,
@@ -471,7 +496,10 @@ class InputPipeline:
             self.close()
         if self._pipe is None:
             self._build()
-        images_tl, meta_tl, *mirror_tl = self._pipe.run()
+        try:
+            images_tl, meta_tl, *mirror_tl = self._pipe.run()
+        except Exception as e:  # DALI re-raises a worker's exception as a plain Exception
+            raise _worker_data_error(e) or e
         meta = np.array(meta_tl.as_tensor())  # (micro_batch, 4) int64, host data already
         expected = np.arange(self._k, self._k + self.micro_batch)
         if not np.array_equal(meta[:, _META_K], expected):

@@ -34,6 +34,12 @@ number of records readers see; the shard's arrays hold ``count + len(exclude)`` 
 and its digest covers all of them. Record ``i`` of the dataset is the ``i``-th record not
 excluded, so global indices stay dense. A shard's ``name`` may be a relative path
 (``part-00001-of-00003/shard-00000.zarr``) of plain components.
+
+Object storage: a dataset root may be a URL (``s3://bucket/prefix``, see
+:mod:`selectivemae_ds.data.store`). The manifest and every shard's small objects (Zarr
+metadata, index arrays, sources) are fetched whole and opened as an in-memory Zarr group, so
+:func:`check_shard` applies exactly the same rules; heap records are ranged GETs through the
+same checked sharding index (:class:`_RemoteHeap`), optionally through a bounded local cache.
 """
 from __future__ import annotations
 
@@ -51,8 +57,11 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
+from zarr.core.buffer import cpu
+from zarr.storage import MemoryStore
 
 from selectivemae_ds.atomic import atomic_write_text, fsync_dir
+from selectivemae_ds.data.store import ObjectMissing, RemoteOptions, RemoteStore, is_remote, join
 from selectivemae_ds.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -254,13 +263,34 @@ def write_manifest(out_dir: str | os.PathLike, shards: list[ShardInfo], params: 
     return atomic_write_text(Path(out_dir) / MANIFEST_NAME, json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+Root = Path | RemoteStore
+"""A dataset root: a local directory or an object store prefix."""
+
+
+def open_root(root: str | os.PathLike | RemoteStore, remote: RemoteOptions | None = None) -> Root:
+    """``s3://...`` (any URL :func:`store.is_remote` accepts) -> a :class:`RemoteStore` read with
+    ``remote`` options; anything else -> a local Path."""
+    if isinstance(root, RemoteStore):
+        return root
+    return RemoteStore(os.fspath(root), remote) if is_remote(root) else Path(root)
+
+
+def read_manifest(root: str | os.PathLike | RemoteStore) -> dict[str, Any]:
     """Load and validate manifest.json (plain JSON: no pickle, no eval)."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        raise ShardFormatError(f"{root}: no {MANIFEST_NAME}; is this a directory written by smae-pack?")
+    root = open_root(root)
+    if isinstance(root, RemoteStore):
+        path: Any = join(root.url, MANIFEST_NAME)
+        try:
+            raw = root.get(MANIFEST_NAME)
+        except ObjectMissing as e:
+            raise ShardFormatError(f"{root}: no {MANIFEST_NAME}; is this a dataset written by smae-pack?") from e
+    else:
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            raise ShardFormatError(f"{root}: no {MANIFEST_NAME}; is this a directory written by smae-pack?")
+        raw = path.read_bytes()
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
@@ -311,7 +341,13 @@ class _DirectHeap:
 
     @classmethod
     def open(cls, array_dir: Path, where: str, total: int) -> "_DirectHeap | None":
-        meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
+        layout = cls.layout(json.loads((array_dir / "zarr.json").read_text(encoding="utf-8")), total)
+        return None if layout is None else cls(array_dir, where, total, *layout)
+
+    @classmethod
+    def layout(cls, meta: Any, total: int) -> tuple[int, int] | None:
+        """(outer, inner) chunk sizes of a heap array whose metadata ``meta`` (zarr.json) is
+        exactly what this writer produces; None otherwise."""
         try:
             codecs = meta["codecs"]
             outer = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
@@ -325,7 +361,20 @@ class _DirectHeap:
                       and inner > 0 and outer % inner == 0 and int(meta.get("fill_value", 0)) == 0)
         except (KeyError, IndexError, TypeError, ValueError):
             return None
-        return cls(array_dir, where, total, outer, inner) if usable else None
+        return (outer, inner) if usable else None
+
+    def check_index(self, k: int, tail: bytes, size: int) -> np.ndarray:
+        """The chunk index of heap file ``c/k`` (``size`` bytes) from its last ``per_shard * 16 + 4``
+        bytes ``tail``, after its crc32c and the bounds of every present chunk are checked."""
+        index_bytes = self.per_shard * 16
+        if len(tail) != index_bytes + 4 or google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+            raise ShardFormatError(f"{self.where}: heap file c/{k} has a damaged chunk index")
+        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.per_shard, 2)
+        present = index[:, 0] != np.iinfo(np.uint64).max
+        if np.any(index[present, 1] != self.inner) or np.any(
+                index[present, 0] + index[present, 1] > size - index_bytes - 4):
+            raise ShardFormatError(f"{self.where}: heap file c/{k} has chunk entries outside the file")
+        return index
 
     def _shard_index(self, k: int) -> tuple[int, np.ndarray]:
         got = self._index.get(k)
@@ -339,15 +388,11 @@ class _DirectHeap:
             fd = os.open(path, os.O_RDONLY)
             size = os.fstat(fd).st_size
             tail = os.pread(fd, index_bytes + 4, size - index_bytes - 4) if size >= index_bytes + 4 else b""
-            if len(tail) != index_bytes + 4 or google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
+            try:
+                index = self.check_index(k, tail, size)
+            except ShardFormatError:
                 os.close(fd)
-                raise ShardFormatError(f"{self.where}: heap file c/{k} has a damaged chunk index")
-            index = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.per_shard, 2)
-            present = index[:, 0] != np.iinfo(np.uint64).max
-            if np.any(index[present, 1] != self.inner) or np.any(
-                    index[present, 0] + index[present, 1] > size - index_bytes - 4):
-                os.close(fd)
-                raise ShardFormatError(f"{self.where}: heap file c/{k} has chunk entries outside the file")
+                raise
             got = (fd, index)
         self._index[k] = got
         return got
@@ -380,6 +425,77 @@ class _DirectHeap:
         self._index.clear()
 
 
+class _RemoteHeap(_DirectHeap):
+    """:class:`_DirectHeap` on an object store: the same layout rules and index checks, the
+    bytes fetched by ranged GETs (one request per record: the inner chunks a record spans are
+    adjacent in the heap file and their ranges are coalesced). ``files`` maps each heap file
+    ``c/k`` present to its size (from the shard's listing); a record's bytes go through the
+    store's cache under ``<index digest>/<a>-<b>`` when it has one."""
+
+    def __init__(self, store: RemoteStore, prefix: str, where: str, total: int, outer: int, inner: int,
+                 files: dict[int, int], digest: str):
+        super().__init__(Path(prefix), where, total, outer, inner)
+        self.store, self.prefix, self.files, self.digest = store, prefix, files, digest
+
+    def _key(self, k: int) -> str:
+        return f"{self.prefix}/c/{k}"
+
+    def _shard_index(self, k: int) -> tuple[int, np.ndarray]:
+        got = self._index.get(k)
+        if got is not None:
+            return got
+        size = self.files.get(k)
+        if size is None:  # zarr does not write a shard whose chunks are all fill value
+            got = (-1, np.full((self.per_shard, 2), np.iinfo(np.uint64).max, dtype=np.uint64))
+        else:
+            index_bytes = self.per_shard * 16
+            start = size - index_bytes - 4
+            tail = self.store.cached(f"{self.digest}/c{k}.index", index_bytes + 4,
+                                     lambda: self.store.get_range(self._key(k), start, size)) if start >= 0 else b""
+            got = (0, self.check_index(k, tail, size))
+        self._index[k] = got
+        return got
+
+    def _fetch(self, a: int, b: int) -> bytes:
+        # Pieces (heap file or -1 for fill, offset in the file, length), coalesced when adjacent.
+        pieces: list[list[int]] = []
+        pos = a
+        while pos < b:
+            chunk = pos // self.inner
+            k, j = divmod(chunk, self.per_shard)
+            start_in_chunk = pos - chunk * self.inner
+            n = min(b - pos, self.inner - start_in_chunk)
+            present, index = self._shard_index(k)
+            offset = int(index[j, 0])
+            if present < 0 or offset == np.iinfo(np.uint64).max:
+                piece = [-1, 0, n]
+            else:
+                piece = [k, offset + start_in_chunk, n]
+            last = pieces[-1] if pieces else None
+            if last is not None and last[0] == piece[0] and (piece[0] < 0 or last[1] + last[2] == piece[1]):
+                last[2] += n
+            else:
+                pieces.append(piece)
+            pos += n
+        parts = []
+        for k, offset, n in pieces:
+            if k < 0:
+                parts.append(bytes(n))
+                continue
+            data = self.store.get_range(self._key(k), offset, offset + n)
+            if len(data) != n:
+                raise ShardFormatError(f"{self.where}: heap file c/{k} is truncated")
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read(self, a: int, b: int) -> bytes:
+        """Heap bytes [a, b)."""
+        return self.store.cached(f"{self.digest}/{a}-{b}", b - a, lambda: self._fetch(a, b))
+
+    def close(self) -> None:
+        self._index.clear()
+
+
 @dataclass(frozen=True)
 class ShardProblem:
     """One thing wrong with a shard: the shard's name, the record at fault (its index
@@ -406,11 +522,19 @@ class ShardProblem:
 
 @dataclass
 class ShardIndex:
-    """The index arrays of one shard, checked against the manifest, and its Zarr handles."""
+    """The index arrays of one shard, checked against the manifest, and its Zarr handles.
+
+    On an object store ``group`` is an in-memory copy of the shard's small objects (the heap's
+    chunks are not in it) and ``remote_heap`` reads the heap; locally ``remote_heap`` is None."""
 
     arrays: dict[str, np.ndarray]
     group: Any
     heap: Any
+    remote_heap: _RemoteHeap | None = None
+
+    def read(self, a: int, b: int) -> bytes:
+        """Heap bytes [a, b) (through zarr locally: for bulk reads such as verify's windows)."""
+        return self.remote_heap.read(a, b) if self.remote_heap is not None else self.heap[a:b].tobytes()
 
 
 def _offsets_problem(name: str, off: np.ndarray, heap_size: int) -> ShardProblem | None:
@@ -434,7 +558,53 @@ def _offsets_problem(name: str, off: np.ndarray, heap_size: int) -> ShardProblem
     return None
 
 
-def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIndex | None, list[ShardProblem]]:
+class _ShardObjects(MemoryStore):
+    """A read-only in-memory Zarr store of one remote shard's small objects (keys relative to
+    the shard); the keys in ``lazy`` (the source array's chunks: ~100 bytes a record, read only
+    to name a record) are fetched from the object store on first read. Keys in neither do not
+    exist (for the heap's chunk files: never read through zarr, see :class:`_RemoteHeap`)."""
+
+    def __init__(self, small: dict[str, bytes], remote: RemoteStore, name: str, lazy: set[str]):
+        super().__init__({k: cpu.Buffer.from_bytes(v) for k, v in small.items()}, read_only=True)
+        self._remote, self._name, self._lazy = remote, name, lazy
+
+    def _fill(self, key: str) -> None:
+        if key in self._lazy and key not in self._store_dict:
+            self._store_dict[key] = cpu.Buffer.from_bytes(self._remote.get(f"{self._name}/{key}"))
+
+    def get_sync(self, key: str, **kw: Any) -> Any:
+        self._fill(key)
+        return super().get_sync(key, **kw)
+
+    async def get(self, key: str, *args: Any, **kw: Any) -> Any:
+        self._fill(key)
+        return await super().get(key, *args, **kw)
+
+
+def _remote_shard_objects(store: RemoteStore, name: str) -> tuple[_ShardObjects, dict[int, int], bytes] | None:
+    """Shard ``name``'s small objects, fetched whole (the sources on first use), {k: size} of
+    its heap files ``bytes/c/k`` and the heap's ``zarr.json`` (None when the shard has no
+    objects at all). Network failures raise (RemoteAccessError): they are not a property of the data."""
+    listing = store.list(name)
+    if f"{name}/zarr.json" not in listing:
+        return None
+    heap_prefix = f"{name}/bytes/c/"
+    heap_files: dict[int, int] = {}
+    small: dict[str, bytes] = {}
+    lazy: set[str] = set()
+    for key, size in sorted(listing.items()):
+        rel = key[len(name) + 1:]
+        if key.startswith(heap_prefix) and key[len(heap_prefix):].isdigit():
+            heap_files[int(key[len(heap_prefix):])] = size
+        elif rel.startswith("source/c/"):
+            lazy.add(rel)
+        else:
+            small[rel] = store.get(key)
+    return _ShardObjects(small, store, name, lazy), heap_files, small.get("bytes/zarr.json", b"")
+
+
+def check_shard(root: str | os.PathLike | RemoteStore,
+                entry: dict[str, Any]) -> tuple[ShardIndex | None, list[ShardProblem]]:
     """Validate one shard's files and index against its manifest ``entry``.
 
     Returns the index (None when record boundaries cannot be trusted: missing or unreadable
@@ -443,12 +613,22 @@ def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIn
     offsets. Record contents (crc32, decoding) are not read here.
     """
     name = entry["name"]
-    path = Path(root) / name
+    root = open_root(root)
     n = stored_count(entry)
-    if not path.is_dir():
+    heap_files: dict[int, int] | None = None
+    heap_meta = b""
+    if isinstance(root, RemoteStore):
+        opened = _remote_shard_objects(root, name)
+        if opened is None:
+            return None, [ShardProblem(name, f"shard listed in the manifest is missing (no objects under "
+                                             f"{join(root.url, name)}/)")]
+        zarr_store, heap_files, heap_meta = opened
+    elif not (root / name).is_dir():
         return None, [ShardProblem(name, "shard listed in the manifest is missing")]
+    else:
+        zarr_store = str(root / name)
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        group = zarr.open_group(zarr_store, mode="r", zarr_format=3)
         attrs = dict(group.attrs)
         arrays = {k: np.asarray(group[k][:]) for k in INDEX_ARRAYS}
         heap = group["bytes"]
@@ -475,13 +655,23 @@ def check_shard(root: str | os.PathLike, entry: dict[str, Any]) -> tuple[ShardIn
     if bad_offsets is not None:
         problems.append(bad_offsets)
         return None, problems
-    return ShardIndex(arrays, group, heap), problems
+    remote_heap = None
+    if isinstance(root, RemoteStore):
+        assert heap_files is not None
+        layout = _DirectHeap.layout(json.loads(heap_meta), heap_size)
+        if layout is None:
+            problems.append(ShardProblem(name, "the heap array's layout is not the one smae-pack writes "
+                                               "(needed to read it from an object store)"))
+            return None, problems
+        remote_heap = _RemoteHeap(root, f"{name}/bytes", f"{root}/{name}", heap_size, *layout, heap_files,
+                                  entry["index_sha256"])
+    return ShardIndex(arrays, group, heap, remote_heap), problems
 
 
 class _OpenShard:
     """Index arrays of one shard, validated by :func:`check_shard`, plus a handle on its heap."""
 
-    def __init__(self, root: Path, entry: dict[str, Any], first: int = 0):
+    def __init__(self, root: Root, entry: dict[str, Any], first: int = 0):
         name = entry["name"]
         index, problems = check_shard(root, entry)
         if problems:
@@ -496,7 +686,8 @@ class _OpenShard:
         self.phash = arrays["phash"]
         self.crc32 = arrays["crc32"]
         self.heap = index.heap
-        self.direct = _DirectHeap.open(Path(root) / name / "bytes", f"{root}/{name}", int(index.heap.shape[0]))
+        self.direct = index.remote_heap if isinstance(root, RemoteStore) else \
+            _DirectHeap.open(root / name / "bytes", f"{root}/{name}", int(index.heap.shape[0]))
         self._group = index.group
         self._source: np.ndarray | None = None
 
@@ -530,13 +721,15 @@ class ShardedDataset:
 
     Shards are opened and validated lazily on first access, so constructing the
     dataset costs one manifest read; it pickles without open handles (DALI and
-    DataLoader workers reopen what they touch).
+    DataLoader workers reopen what they touch). ``root`` may be an object store URL
+    (``s3://bucket/prefix``), read with ``remote`` options (retries, cache).
     """
 
-    def __init__(self, root: str | os.PathLike, verify_crc: bool = True):
+    def __init__(self, root: str | os.PathLike | RemoteStore, verify_crc: bool = True,
+                 remote: RemoteOptions | None = None):
         # Set first: __del__ (close) runs even when the manifest below is refused.
         self._open: dict[int, _OpenShard] = {}
-        self.root = Path(root)
+        self.root = open_root(root, remote)
         self.verify_crc = verify_crc
         self.manifest = read_manifest(self.root)
         self._entries = self.manifest["shards"]
