@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import torch
@@ -14,6 +15,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEMO = REPO / "configs" / "demo.toml"
+DEMO_METHOD: str = tomllib.loads(DEMO.read_text())["model"]["method"]
+
+
+def method_args(method: str) -> tuple[str, ...]:
+    """The `--set` arguments that switch the demo run to `method` (none for the demo's own)."""
+    return () if method == DEMO_METHOD else ("--set", f"model.method={method}")
 
 
 def free_port() -> int:
