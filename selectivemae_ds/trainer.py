@@ -135,13 +135,16 @@ def _launcher_watch() -> Callable[[], bool] | None:
     return lambda: _ppid_of(launch_pid) != runner
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the model's randomness (masking, drop path) at one optimizer step on one rank.
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """Seed of the model's randomness (masking, drop path) for one micro-batch of one step.
 
-    Reseeding per step from (seed, step, rank) makes resumed runs reproduce the straight
-    run exactly without storing RNG states in the checkpoint.
+    `micro` is the micro-batch's index in the global batch (rank * accumulation steps +
+    k): rank r reads the r-th slice of the global batch as consecutive micro-batches, so
+    the same images get the same draws at any world size with the same micro_batch (a
+    resume through a universal checkpoint), and a resumed run reproduces the straight
+    run without storing RNG states in the checkpoint.
     """
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
 
 
 def _free_port() -> int:
@@ -344,7 +347,6 @@ class Trainer:
         set_lr(self.engine, lr_at(self.position, peak=self.peak, warmup_steps=cfg.optim.warmup_steps,
                                   total_steps=self.total, min_lr=cfg.optim.min_lr))
         progress = progress_at(self.position, self.total)
-        torch.manual_seed(step_seed(cfg.train.seed, self.step, self.rank))
         inject = self.step in cfg.debug.nonfinite_at
         poison = float(cfg.debug.nonfinite_value)
         # Fault injection (debug.*, tests and drills): one gradient replaced by inf/NaN, the loss stays finite.
@@ -359,8 +361,9 @@ class Trainer:
         per_sample: list[torch.Tensor] = []
         with collective("the step's forward/backward/optimizer step (ZeRO gradient reduction)",
                         self.rank, self.step, timeout):
-            for imgs, waited in self._micro_batches():
+            for k, (imgs, waited) in enumerate(self._micro_batches()):
                 wait += waited
+                torch.manual_seed(micro_seed(cfg.train.seed, self.step, self.rank * self.accum + k))
                 out = self.engine(imgs, progress)
                 loss = out.loss
                 if self.infobatch is not None:

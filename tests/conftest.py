@@ -38,18 +38,19 @@ def launch_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def straight_run(tmp_path_factory, launch_dataset):
-    """The 4-step, 2-rank demo-model run per DeepSpeed JSON (checkpoints at steps 2 and 4),
-    launched once per session and shared by the checkpoint, export and reliability tests.
+    """The 4-step, 2-rank demo-model run per DeepSpeed JSON and method (checkpoints at steps
+    2 and 4), launched once per session and shared by the checkpoint, export, method and
+    reliability tests; `method` defaults to the demo's own (`tests.launch.DEMO_METHOD`).
     Tests may add a universal conversion beside a tag; they must not change or remove tags."""
-    from tests.launch import pretrain
+    from tests.launch import DEMO_METHOD, method_args, pretrain
 
-    runs: dict[str, Path] = {}
+    runs: dict[tuple[str, str], Path] = {}
 
-    def get(ds_json: str) -> Path:
-        if ds_json not in runs:
-            run = tmp_path_factory.mktemp("straight") / ds_json.removesuffix(".json")
-            pretrain(run, launch_dataset, ds_json)
-            runs[ds_json] = run
-        return runs[ds_json]
+    def get(ds_json: str, method: str = DEMO_METHOD) -> Path:
+        if (ds_json, method) not in runs:
+            run = tmp_path_factory.mktemp("straight") / f"{ds_json.removesuffix('.json')}_{method}"
+            pretrain(run, launch_dataset, ds_json, *method_args(method))
+            runs[ds_json, method] = run
+        return runs[ds_json, method]
 
     return get

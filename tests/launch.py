@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import torch
@@ -25,6 +26,14 @@ DEMO_SETS = ("train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=5", "
 def set_args(sets: tuple[str, ...] | list[str]) -> list[str]:
     """``--set`` before each override."""
     return [a for s in sets for a in ("--set", s)]
+
+
+DEMO_METHOD: str = tomllib.loads(DEMO.read_text())["model"]["method"]
+
+
+def method_args(method: str) -> tuple[str, ...]:
+    """The `--set` arguments that switch the demo run to `method` (none for the demo's own)."""
+    return () if method == DEMO_METHOD else ("--set", f"model.method={method}")
 
 
 def free_port() -> int:

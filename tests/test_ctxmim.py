@@ -11,7 +11,7 @@ import torch
 from selectivemae_ds.errors import ConfigError
 from selectivemae_ds.models import ModelConfig, build_model, flops_per_image, get_spec, method_names
 from selectivemae_ds.models.methods.ctxmim import consistency
-from tests.launch import fp32_weights, logged, pretrain
+from tests.launch import fp32_weights, logged, method_args, pretrain
 
 
 def tiny(method: str, img_size: int = 64, **model_kw: object) -> ModelConfig:
@@ -149,18 +149,17 @@ def test_recipes_parse_and_name_their_source(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simmim", "ctxmim"])
-def test_two_rank_run_resumes_exactly(tmp_path: Path, launch_dataset: Path, method: str) -> None:
-    """4 steps on 2 CPU ranks (ZeRO-2) with checkpoints at 2 and 4; a run resumed from step 2
-    logs the same losses (every term) and ends with the same weights; the picture is drawn."""
-    extra = ("--set", f"model.method={method}", "--set", "model.norm_pix_loss=false")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    pretrain(straight, launch_dataset, "zero2.json", *extra)
+def test_two_rank_run_resumes_exactly(tmp_path: Path, launch_dataset: Path, straight_run, method: str) -> None:
+    """4 steps on 2 CPU ranks (ZeRO-2) with checkpoints at 2 and 4 (the session's shared run,
+    also resumed on 1 rank in tests/test_checkpoint.py); a run resumed from step 2 logs the
+    same losses (every term) and ends with the same weights; the picture is drawn."""
+    straight, resumed = straight_run("zero2.json", method), tmp_path / "resumed"
     mid = straight / "checkpoints" / "step_00000002"
-    r = pretrain(resumed, launch_dataset, "zero2.json", *extra, "--resume", str(mid))
+    r = pretrain(resumed, launch_dataset, "zero2.json", *method_args(method), "--resume", str(mid))
     assert "[resume] step=2" in r.stdout
     a, b = logged(straight), logged(resumed)
     assert sorted(b) == [3, 4]
-    keys = ["loss"] + ([f"loss_{t}" for t in ("re", "pr", "cc")] if method == "ctxmim" else [])
+    keys = ["loss", *(f"loss_{t}" for t in get_spec(method).loss_terms)]
     for step in (3, 4):
         for key in keys:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
