@@ -49,12 +49,13 @@ from typing import Callable, Iterator
 import pytest
 
 from selectivemae_ds import checkpoint
-from tests.launch import BIN, DEMO, REPO, assert_same_weights, fp32_weights
+from tests.launch import BIN, DEMO, DEMO_SETS, REPO, assert_same_weights, fp32_weights, set_args
 from tests.reliability.faults import logged_steps, records
 
 DS_JSON = "zero2.json"
-TARGET = 4
+TARGET = 4  # DEMO_SETS' train.steps and checkpoint.every_steps
 EVERY = 2
+assert f"train.steps={TARGET}" in DEMO_SETS and f"checkpoint.every_steps={EVERY}" in DEMO_SETS
 IFNAME = "smae0"
 ADDRS = ("10.213.7.1", "10.213.7.2")
 PREFIX = 24
@@ -133,9 +134,7 @@ class Hosts:
         cmd = ["ip", "netns", "exec", self.namespaces[0], str(BIN / "deepspeed"), "--hostfile", str(self.hostfile),
                "--master_addr", ADDRS[0], "--master_port", str(port), str(REPO / "launcher" / "pretrain.py"),
                "--config", str(DEMO), "--deepspeed_config", str(REPO / "ds_configs" / DS_JSON),
-               "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", "--set", f"train.steps={TARGET}",
-               "--set", f"checkpoint.every_steps={EVERY}", "--set", "checkpoint.keep=5", "--set", "optim.lr=1e-3",
-               "--set", "train.picture_every=2", *extra]
+               "--set", f"data.path={data}", "--set", f"run_dir={run_dir}", *set_args(DEMO_SETS), *extra]
         log = open(run_dir.parent / f"{run_dir.name}-{port}.log", "w")
         try:
             return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
