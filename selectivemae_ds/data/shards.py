@@ -52,7 +52,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import google_crc32c
 import numpy as np
@@ -397,25 +397,34 @@ class _DirectHeap:
         self._index[k] = got
         return got
 
-    def read(self, a: int, b: int) -> bytes:
-        """Heap bytes [a, b)."""
-        parts = []
+    def _pieces(self, a: int, b: int) -> Iterator[tuple[int, int, int]]:
+        """(heap file ``c/k``, offset in it, length) for heap bytes [a, b), one per inner chunk
+        touched; ``k`` is -1 for a chunk that is fill value (absent file or index entry)."""
         pos = a
         while pos < b:
             chunk = pos // self.inner
             k, j = divmod(chunk, self.per_shard)
             start_in_chunk = pos - chunk * self.inner
             n = min(b - pos, self.inner - start_in_chunk)
-            fd, index = self._shard_index(k)
+            present, index = self._shard_index(k)
             offset = int(index[j, 0])
-            if fd < 0 or offset == np.iinfo(np.uint64).max:
-                parts.append(bytes(n))
+            if present < 0 or offset == np.iinfo(np.uint64).max:
+                yield -1, 0, n
             else:
-                data = os.pread(fd, n, offset + start_in_chunk)
-                if len(data) != n:
-                    raise ShardFormatError(f"{self.where}: heap file c/{k} is truncated")
-                parts.append(data)
+                yield k, offset + start_in_chunk, n
             pos += n
+
+    def read(self, a: int, b: int) -> bytes:
+        """Heap bytes [a, b)."""
+        parts = []
+        for k, offset, n in self._pieces(a, b):
+            if k < 0:
+                parts.append(bytes(n))
+                continue
+            data = os.pread(self._index[k][0], n, offset)
+            if len(data) != n:
+                raise ShardFormatError(f"{self.where}: heap file c/{k} is truncated")
+            parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
@@ -457,26 +466,14 @@ class _RemoteHeap(_DirectHeap):
         return got
 
     def _fetch(self, a: int, b: int) -> bytes:
-        # Pieces (heap file or -1 for fill, offset in the file, length), coalesced when adjacent.
+        # The pieces of _pieces, coalesced when adjacent (one request per run of a heap file).
         pieces: list[list[int]] = []
-        pos = a
-        while pos < b:
-            chunk = pos // self.inner
-            k, j = divmod(chunk, self.per_shard)
-            start_in_chunk = pos - chunk * self.inner
-            n = min(b - pos, self.inner - start_in_chunk)
-            present, index = self._shard_index(k)
-            offset = int(index[j, 0])
-            if present < 0 or offset == np.iinfo(np.uint64).max:
-                piece = [-1, 0, n]
-            else:
-                piece = [k, offset + start_in_chunk, n]
+        for k, offset, n in self._pieces(a, b):
             last = pieces[-1] if pieces else None
-            if last is not None and last[0] == piece[0] and (piece[0] < 0 or last[1] + last[2] == piece[1]):
+            if last is not None and last[0] == k and (k < 0 or last[1] + last[2] == offset):
                 last[2] += n
             else:
-                pieces.append(piece)
-            pos += n
+                pieces.append([k, offset, n])
         parts = []
         for k, offset, n in pieces:
             if k < 0:
