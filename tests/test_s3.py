@@ -143,14 +143,20 @@ def test_corrupt_objects_are_refused_by_name(s3: SimpleNamespace, local_dataset:
         ds.read(int(ds._starts[2]))
 
 
-def test_stopped_server_is_retried_then_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      local_dataset: Path) -> None:
+def _own_server_with(local_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str]:
+    """A server of the test's own (the test stops it), holding ``local_dataset`` at the URL returned."""
     srv = _server()
     host, port = srv.get_host_and_port()
     _use(monkeypatch, f"http://{host}:{port}")
     bucket, _client = _bucket(f"http://{host}:{port}")
     url = f"s3://{bucket}/ds"
     upload(local_dataset, url)
+    return srv, url
+
+
+def test_stopped_server_is_retried_then_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      local_dataset: Path) -> None:
+    srv, url = _own_server_with(local_dataset, monkeypatch)
     ds = ShardedDataset(url, remote=RemoteOptions(attempts=3, backoff_s=0.01))
     waits: list[float] = []
     ds.root._sleep = waits.append
@@ -379,12 +385,7 @@ def test_pipeline_stops_with_a_data_error_when_the_store_stays_unreachable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_dataset: Path) -> None:
     from selectivemae_ds.data.pipeline import InputPipeline
 
-    srv = _server()
-    host, port = srv.get_host_and_port()
-    _use(monkeypatch, f"http://{host}:{port}")
-    bucket, _client = _bucket(f"http://{host}:{port}")
-    url = f"s3://{bucket}/ds"
-    upload(local_dataset, url)
+    srv, url = _own_server_with(local_dataset, monkeypatch)
     cfg = DataConfig(path=url, img_size=64, workers=1, decode_threads=1, prefetch=1, device="cpu", retries=2,
                      retry_backoff_s=0.01)
     with InputPipeline(cfg, seed=1, global_batch=4, micro_batch=4, rank=0, world_size=1) as pipe:
