@@ -335,6 +335,13 @@ class BlockCache:
         return True
 
     def usage(self) -> int:
-        """Bytes of the cached files right now (a recount, for tests and reports)."""
-        return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(self.objects) for f in fs)
+        """Bytes of the cached entries right now (a recount, for tests and reports), taken under
+        the cache lock: without it a fill in another process renames its temporary file away
+        between the listing and the size."""
+        fd = self._locked()
+        try:
+            return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(self.objects) for f in fs
+                       if not f.endswith(".tmp"))
+        finally:
+            os.close(fd)
 
