@@ -52,6 +52,13 @@ def _pack_parts(src: Path, out: Path, n: int) -> list[dict[str, Any]]:
     return [pack(_config(src, out, (i, n))) for i in range(n)]
 
 
+def _merged_two_parts(src: Path, out: Path) -> Path:
+    """``src`` packed as parts 0/2 and 1/2 into ``out``, then merged."""
+    _pack_parts(src, out, 2)
+    merge(MergeConfig(out, progress=False))
+    return out
+
+
 def _hash_of_png(im: Image.Image) -> int:
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=1)
@@ -171,9 +178,7 @@ def test_planted_duplicates_across_parts_merge_equals_single_node(tmp_path: Path
 
 def test_locate_maps_global_records_past_exclusions(tmp_path: Path, planted: tuple[Path, Path]) -> None:
     src, single = planted
-    out = tmp_path / "multi"
-    _pack_parts(src, out, 2)
-    merge(MergeConfig(out, progress=False))
+    out = _merged_two_parts(src, tmp_path / "multi")
     ds = ShardedDataset(out)
     sources_by_shard = {}
     for i in range(len(ds)):
@@ -188,9 +193,7 @@ def test_locate_maps_global_records_past_exclusions(tmp_path: Path, planted: tup
 
 def test_corrupt_record_in_merged_dataset_named_by_global_index(tmp_path: Path, planted: tuple[Path, Path]) -> None:
     src, _single = planted
-    out = tmp_path / "multi"
-    _pack_parts(src, out, 2)
-    merge(MergeConfig(out, progress=False))
+    out = _merged_two_parts(src, tmp_path / "multi")
     ds = ShardedDataset(out)
     # Record 3 (i07.png, the restored C) sits between excluded records (B, a copy of C) in part 1's first shard.
     s, j = ds.locate(3)
@@ -206,9 +209,7 @@ def test_corrupt_record_in_merged_dataset_named_by_global_index(tmp_path: Path, 
 
 def test_manifest_exclusions_are_checked(tmp_path: Path, planted: tuple[Path, Path]) -> None:
     src, _single = planted
-    out = tmp_path / "multi"
-    _pack_parts(src, out, 2)
-    merge(MergeConfig(out, progress=False))
+    out = _merged_two_parts(src, tmp_path / "multi")
     doc = _manifest(out)
     entry = next(e for e in doc["shards"] if e.get("exclude"))
     stored = entry["count"] + len(entry["exclude"])
