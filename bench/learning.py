@@ -292,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated encoder names to evaluate (default all: init, then each method's "
                          "checkpoints, newest first), e.g. init,selectivemae_step29")
     args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        ap.error(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(METHODS)}"
+                 + (f" ({', '.join(unknown)} not registered)" if unknown else ""))
     p = dict(PRESETS[args.preset])
     p.update({k: v for k in PRESETS["cpu"] if (v := getattr(args, k)) is not None})
     import torch
@@ -309,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(result))
         print(json.dumps(result["verdict"], indent=1))
         return 0
-    methods = [m for m in args.methods.split(",") if m]
     result: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results_path.name != "results.json" and (work / "results.json").is_file():
         # Another evaluation pass over the same pretraining: its sweep and runs are results.json's.

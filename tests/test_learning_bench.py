@@ -61,3 +61,13 @@ def test_plot_and_table_cover_every_evaluated_method(tmp_path: Path) -> None:
     assert len(table.splitlines()) == 2 + len(evals)
     assert "| ctxmim_step4 | 5.000 | 0.6000, 0.6200, 0.6400 | 0.6200 +- 0.0200 | 0.6000 | 0.6000 | 0.5000 | 0.5000 |" \
         in table
+
+
+def test_methods_outside_the_registry_are_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    for bad, why in (("selectivemae,byol", "(byol not registered)"), (",", "expected a comma-separated subset")):
+        with pytest.raises(SystemExit) as e:
+            learning.main(["--work", str(tmp_path / "w"), "--methods", bad])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
